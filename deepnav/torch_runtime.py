@@ -1,0 +1,41 @@
+"""Torch device choice, thread count and seeding, shared by every module."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' takes the GPU when one is present; 'cuda' without a GPU is a clear error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("a CUDA device was requested but torch sees no GPU")
+    return device
+
+
+def configure_threads() -> int:
+    """Use every core for intra-op parallelism (torch's default can leave some idle in
+    containers); DEEPNAV_THREADS overrides."""
+    n = int(os.environ.get("DEEPNAV_THREADS", "0")) or (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed python, numpy and torch; return a numpy Generator for explicit use."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
