@@ -1,0 +1,192 @@
+"""`deepnav fusion phantom|train|register|demo|evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from deepnav.errors import InputError
+from deepnav.progress import print_progress
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic liver patient (MR, labels, landmarks, US breathing sequence)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--oblique", choices=("auto", "yes", "no"), default="auto",
+                   help="oblique MR direction (auto: odd seeds)")
+    p.add_argument("--format", choices=(".nrrd", ".nii.gz"), default=".nrrd")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=_phantom)
+
+    p = sub.add_parser("train", help="train the rigid + B-spline cascade for one patient (or on synthetic patients)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--mr", type=Path, help="preoperative MR")
+    src.add_argument("--synthetic", type=int, metavar="N", help="train on N synthetic patients instead")
+    p.add_argument("--mr-vessels", type=Path, help="vessel label map on the MR grid")
+    p.add_argument("--liver", type=Path, help="liver mask on the MR grid (centres the 128 mm region)")
+    p.add_argument("--us", type=Path, nargs="+", help="training US volumes (e.g. 8 over half a breathing cycle)")
+    p.add_argument("--us-vessels", type=Path, nargs="+", help="their vessel label maps, same order")
+    p.add_argument("--val-frames", type=int, default=1, help="US frames held out for validation (file mode)")
+    p.add_argument("--frames", type=int, default=8, help="frames per synthetic patient")
+    p.add_argument("--val-patients", type=int, default=2, help="synthetic patients held out for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rigid-epochs", type=int)
+    p.add_argument("--bspline-epochs", type=int)
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--weights", type=float, nargs=3, metavar=("LABEL", "MIND", "SMOOTH"),
+                   help="loss weights (default: the spec's 0.01 100 1)")
+    p.add_argument("--init", type=Path, help="start from this model (.pt), e.g. the shipped one, to fine-tune")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("register", help="register US volume(s) to an MR and write the transforms")
+    p.add_argument("--mr", type=Path, required=True)
+    p.add_argument("--us", type=Path, nargs="+", required=True)
+    p.add_argument("--liver", type=Path)
+    p.add_argument("--initial", type=Path, help="linear transform file (MR LPS -> US LPS) applied before the network")
+    p.add_argument("--model", type=Path, help="model .pt or .pt2 (default: the shipped model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=_register)
+
+    p = sub.add_parser("demo", help="register the built-in synthetic patient; overlay pictures and a report")
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--model", type=Path)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=Path("demo-output"))
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("evaluate", help="accuracy and speed on unseen synthetic patients, against SimpleITK")
+    p.add_argument("--cases", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--frames", type=int, default=2, help="US frames per case (start and end of the half cycle)")
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--model", type=Path)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, required=True)
+    p.set_defaults(run=_evaluate)
+
+
+def _load(args):
+    from deepnav.torch_runtime import configure_threads, describe_device
+    from MRUSFusionLib.model_io import load_model
+
+    configure_threads()
+    model = load_model(args.model, args.device)
+    print_progress(0.0, f"model {model.path.name} on {describe_device(model.device)}")
+    return model
+
+
+def _phantom(args) -> int:
+    from MRUSFusionLib.patient_files import write_patient
+    from MRUSFusionLib.phantom import make_patient
+
+    oblique = None if args.oblique == "auto" else args.oblique == "yes"
+    index = write_patient(make_patient(args.seed, frames=args.frames, oblique=oblique), args.out, args.format)
+    print(f"wrote synthetic patient {args.seed} ({len(index['frames'])} US frames) to {args.out}")
+    return 0
+
+
+def _train(args) -> int:
+    import torch
+
+    from deepnav.torch_runtime import configure_threads, pick_device
+    from MRUSFusionLib import dataset, losses, model_io, training
+
+    configure_threads()
+    config = training.TrainConfig(seed=args.seed)
+    for name in ("rigid_epochs", "bspline_epochs", "steps_per_epoch"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    if args.weights:
+        config.weights = losses.LossWeights(*args.weights)
+    if args.synthetic:
+        if args.synthetic <= args.val_patients:
+            raise InputError(f"--synthetic {args.synthetic} leaves no training patient after {args.val_patients} for validation")
+        seeds = [dataset.TRAINING_SEED_BASE + args.seed * 1000 + i for i in range(args.synthetic)]
+        print_progress(0.0, f"generating {len(seeds)} synthetic patients x {args.frames} frames")
+        pools = dataset.synthetic_samples(seeds, args.frames)
+        n_train = len(seeds) - args.val_patients
+        train_samples = [s for pool in pools[:n_train] for s in pool]
+        val_samples = [pool[i] for pool in pools[n_train:] for i in sorted({1, len(pool) // 2, len(pool) - 1})]
+        source = {"kind": "synthetic", "patient_seeds": seeds, "frames": args.frames, "validation_patients": seeds[n_train:]}
+    else:
+        if not (args.mr_vessels and args.us and args.us_vessels):
+            raise InputError("file training needs --mr, --mr-vessels, --us and --us-vessels")
+        samples = dataset.file_samples(args.mr, args.mr_vessels, args.us, args.us_vessels, args.liver)
+        if len(samples) <= args.val_frames:
+            raise InputError(f"{len(samples)} US frames: need more than --val-frames {args.val_frames}")
+        # validation frames spread over the sequence (every k-th), the rest train
+        step = len(samples) / args.val_frames
+        val_idx = {int(step * (i + 0.5)) for i in range(args.val_frames)}
+        train_samples = [s for i, s in enumerate(samples) if i not in val_idx]
+        val_samples = [samples[i] for i in sorted(val_idx)]
+        source = {"kind": "files", "mr": str(args.mr), "us": [str(p) for p in args.us], "validation_frames": sorted(val_idx)}
+    device = pick_device(args.device)
+    init = model_io.load_model(args.init, "cpu").eager().state_dict() if args.init else None
+    metadata = {"training": {**source, "config": config.to_json(),
+                             "loss_reading": "alpha*label + beta*MIND + gamma*smoothness"}}
+    model, info = training.train(train_samples, val_samples, args.out, config, device=device, resume=args.resume,
+                                 metadata=metadata, init_state=init)
+    metadata["training"]["best"] = info["best"]
+    model_io.save_torchscript(model, args.out / "model.pt", metadata)
+    model_io.save_exported(model, args.out / "model.pt2", metadata)
+    print(f"best validation (epoch {info['best']['epoch'] + 1}): vessel Dice {info['best']['vessel_dice']:.3f}; "
+          f"wrote {args.out / 'model.pt'} and {args.out / 'model.pt2'}")
+    del torch
+    return 0
+
+
+def _register(args) -> int:
+    import SimpleITK as sitk
+
+    from deepnav.imaging import read_volume
+    from MRUSFusionLib.registration import register
+
+    model = _load(args)
+    mr = read_volume(args.mr, what="MR")
+    liver = read_volume(args.liver, what="liver mask") if args.liver else None
+    initial = None
+    if args.initial:
+        try:
+            initial = sitk.ReadTransform(str(args.initial))
+        except RuntimeError as exc:
+            raise InputError(f"cannot read transform {args.initial}") from exc
+    for n, us_path in enumerate(args.us):
+        result = register(model, mr, read_volume(us_path, what="US volume"), liver=liver, initial=initial)
+        out = args.out if len(args.us) == 1 else args.out / f"frame{n:02d}"
+        paths = result.write(out)
+        (out / "registration.json").write_text(json.dumps(
+            {"us": str(us_path), "timings_s": result.timings, **result.quality(),
+             "files": {k: v.name for k, v in paths.items()}}, indent=2))
+        print(f"{us_path.name}: network {result.timings['network']:.2f} s, folding {result.folding_percent():.3f}% -> {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from MRUSFusionLib.demo import run_demo
+
+    model = _load(args)
+    report = run_demo(model, args.out, frames=args.frames)
+    print(f"overlay pictures and report.md in {args.out.resolve()}")
+    for row in report["frames"]:
+        print(f"  frame {row['frame']}: landmark error {row['tre_before_mm']:.1f} -> {row['tre_after_mm']:.1f} mm"
+              f"  {row['overlay']}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from MRUSFusionLib.evaluation import evaluate, format_table, write_report
+
+    model = _load(args)
+    report = evaluate(model, args.cases, args.seed, frames=args.frames, baseline=not args.no_baseline)
+    print(format_table(report))
+    write_report(report, args.json)
+    print(f"wrote {args.json}")
+    return 0

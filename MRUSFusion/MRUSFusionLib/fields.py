@@ -1,0 +1,93 @@
+"""The registration as transforms that SimpleITK and 3D Slicer read: physical LPS mm, resampling
+convention (each maps a point of the fixed MR space to where it is found in the US).
+
+On the fusion grid a voxel position x (i, j, k) is at LPS point p = o + D S x (origin o,
+direction D, spacing S of the grid). The network's voxel-space rigid map x' = A x + b is, in mm,
+p' = M p + t with M = D S A S^-1 D^T and t = o + D S b - M o; a voxel displacement u_ijk is
+u_LPS = D S u_ijk. Three forms are written:
+- the rigid transform (`rigid.tfm`);
+- one composed displacement field phi(x) - x (`field.nrrd`): exact on the 128 mm grid, zero
+  (identity) outside it, as ITK's DisplacementFieldTransform defines it;
+- the hierarchy rigid-then-B-spline as one composite transform (`transform.h5`):
+  T(p) = R(p + u(p)), exact on the grid and equal to the rigid transform outside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from deepnav.imaging import Volume, write_image_atomic
+
+
+def _ds(grid: Volume) -> np.ndarray:
+    return grid.direction @ np.diag(grid.spacing)
+
+
+def rigid_to_lps(matrix_ijk: np.ndarray, grid: Volume) -> sitk.AffineTransform:
+    """(3, 4) voxel-space rigid matrix on `grid` -> ITK affine in LPS mm."""
+    a, b = matrix_ijk[:, :3], matrix_ijk[:, 3]
+    ds = _ds(grid)
+    m = ds @ a @ np.linalg.inv(ds)
+    t = grid.origin + ds @ b - m @ grid.origin
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(m.flatten().tolist())
+    transform.SetTranslation(t.tolist())
+    return transform
+
+
+def affine_lps_to_ijk(transform: sitk.Transform, grid: Volume) -> np.ndarray:
+    """A linear LPS transform (affine, Euler, versor...) as a (3, 4) voxel-space matrix on `grid`."""
+    points = np.vstack([np.zeros(3), np.eye(3)])  # the transform is recovered from 4 points
+    lps = grid.index_to_lps(points)
+    mapped = grid.lps_to_index(np.array([transform.TransformPoint(tuple(p)) for p in lps]))
+    b = mapped[0]
+    return np.column_stack([(mapped[1:] - b).T, b])
+
+
+def compose_ijk(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """(3, 4) matrices: x -> outer(inner(x))."""
+    return np.column_stack([outer[:, :3] @ inner[:, :3], outer[:, :3] @ inner[:, 3] + outer[:, 3]])
+
+
+def displacement_to_lps_image(disp_ijk: np.ndarray, grid: Volume) -> sitk.Image:
+    """(3, D, H, W) voxel displacements (di, dj, dk) -> ITK vector image of LPS mm on `grid`."""
+    u_lps = np.einsum("ab,bkji->kjia", _ds(grid), disp_ijk.astype(np.float64))
+    image = sitk.GetImageFromArray(u_lps, isVector=True)
+    image.SetSpacing(grid.spacing.tolist())
+    image.SetOrigin(grid.origin.tolist())
+    image.SetDirection(grid.direction.flatten().tolist())
+    return image
+
+
+def displacement_transform(field_lps: sitk.Image) -> sitk.DisplacementFieldTransform:
+    # the constructor takes ownership of (and empties) the image it is given: pass a copy
+    return sitk.DisplacementFieldTransform(sitk.Cast(field_lps, sitk.sitkVectorFloat64))
+
+
+def composite_lps(matrix_ijk: np.ndarray, bspline_ijk: np.ndarray, grid: Volume) -> sitk.CompositeTransform:
+    """T(p) = R(p + u(p)). SimpleITK applies a composite's transforms last-added first."""
+    return sitk.CompositeTransform([rigid_to_lps(matrix_ijk, grid),
+                                    displacement_transform(displacement_to_lps_image(bspline_ijk, grid))])
+
+
+def write_transforms(out_dir: Path, matrix_ijk: np.ndarray, disp_ijk: np.ndarray, bspline_ijk: np.ndarray,
+                     grid: Volume) -> dict[str, Path]:
+    """Write rigid.tfm, field.nrrd (composed) and transform.h5 (composite) into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"rigid": out_dir / "rigid.tfm", "field": out_dir / "field.nrrd", "composite": out_dir / "transform.h5"}
+    transforms = {"rigid": rigid_to_lps(matrix_ijk, grid), "composite": composite_lps(matrix_ijk, bspline_ijk, grid)}
+    for key, transform in transforms.items():
+        tmp = paths[key].with_name(".partial-" + paths[key].name)
+        sitk.WriteTransform(transform, str(tmp))
+        tmp.replace(paths[key])
+    write_image_atomic(displacement_to_lps_image(disp_ijk, grid), paths["field"])
+    return paths
+
+
+def resample_with(transform: sitk.Transform, moving: Volume, reference: Volume, interpolator=sitk.sitkLinear) -> np.ndarray:
+    """moving resampled on `reference`'s grid through `transform` (reference LPS -> moving LPS)."""
+    out = sitk.Resample(moving.to_sitk(), reference.to_sitk(), transform, interpolator, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)

@@ -1,0 +1,103 @@
+"""The spec's rigid network cascaded with its B-spline network.
+
+Every "convolution + downsampling by 2" of the spec is one stride-2 convolution: the same layer
+count, widths and feature sizes (128 -> 64 -> 32, 34 -> 17), at about a quarter of the CPU cost
+of convolving at full resolution and pooling afterwards. Kernels 3, padding 1, LeakyReLU unless
+the spec says otherwise. Outputs start at the identity (zero-initialised heads), which makes
+training stable from the first step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from MRUSFusionLib.bspline import CONTROL_POINTS, CONTROL_SPACING, bspline_matrix, upsample_control_points
+from MRUSFusionLib.warp import add_identity, affine_displacement, apply_affine_to_positions, rigid_matrix, warp
+
+GRID = 128
+TRANSLATION_SCALE = 10.0  # voxels per unit of the rigid head's output
+ROTATION_SCALE = 0.1  # radians per unit
+CONTROL_SCALE = 4.0  # voxels per unit of the B-spline head's output
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+
+
+class RigidNet(nn.Module):
+    """Five 3x3x3 convolutions (2, 16, 32, 64, 128 filters), four downsamplings between them
+    (128^3 -> 8^3), one fully connected layer to 3 translations and 3 rotations."""
+
+    def __init__(self, grid: int = GRID):
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv(2, 2), _conv(2, 16, 2), _conv(16, 32, 2), _conv(32, 64, 2), _conv(64, 128, 2)
+        )
+        self.fc = nn.Linear(128 * (grid // 16) ** 3, 6)
+        self.translation_scale = TRANSLATION_SCALE
+        self.rotation_scale = ROTATION_SCALE
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        """(N, 2, 128, 128, 128) -> (N, 6): ti, tj, tk (voxels), ai, aj, ak (radians)."""
+        raw = self.fc(self.features(pair).flatten(1))
+        return torch.cat([raw[:, :3] * self.translation_scale, raw[:, 3:] * self.rotation_scale], dim=1)
+
+
+class BSplineNet(nn.Module):
+    """128^3 -> (conv, down) x2 -> 32 x 32^3 -> transposed conv (padding 0) -> 32 x 34^3 ->
+    (conv, down) -> 17^3 -> 1x1x1 conv -> 17^3 x 3 control-point displacements (voxels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(_conv(2, 16, 2), _conv(16, 32, 2))
+        self.expand = nn.Sequential(nn.ConvTranspose3d(32, 32, 3, padding=0), nn.LeakyReLU(0.2))
+        self.reduce = _conv(32, 32, 2)
+        self.head = nn.Conv3d(32, 3, 1)
+        self.control_scale = CONTROL_SCALE
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        """(N, 2, 128, 128, 128) -> (N, 3, 17, 17, 17), channels (di, dj, dk)."""
+        return self.head(self.reduce(self.expand(self.encoder(pair)))) * self.control_scale
+
+
+class Cascade(nn.Module):
+    """phi(x) = R(x + u(x)): the B-spline field u is estimated on the rigidly warped US and the
+    original US is resampled once through the composition (no double interpolation)."""
+
+    def __init__(self, grid: int = GRID):
+        super().__init__()
+        self.rigid = RigidNet(grid)
+        self.bspline = BSplineNet()
+        w = bspline_matrix(grid, CONTROL_POINTS, CONTROL_SPACING)
+        # derived, not learned: non-persistent (small, so TorchScript storing them costs ~26 kB)
+        self.register_buffer("wz", w, persistent=False)
+        self.register_buffer("wy", w.clone(), persistent=False)
+        self.register_buffer("wx", w.clone(), persistent=False)
+        self.register_buffer("centre", torch.full((3,), (grid - 1) / 2.0), persistent=False)
+
+    def rigid_stage(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 4) voxel-space rigid matrix, x_moving = A x + b."""
+        return rigid_matrix(self.rigid(torch.cat([fixed, moving], 1)), self.centre)
+
+    def dense_field(self, fixed: torch.Tensor, rigid_warped: torch.Tensor) -> torch.Tensor:
+        coeffs = self.bspline(torch.cat([fixed, rigid_warped], 1))
+        return upsample_control_points(coeffs, self.wz, self.wy, self.wx)
+
+    def compose(self, matrix: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """disp of phi(x) = R(x + u(x)), i.e. phi(x) - x, in voxels (i, j, k)."""
+        pos = add_identity(u)
+        return apply_affine_to_positions(matrix, pos) - (pos - u)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor):
+        """fixed MR and moving US, (N, 1, 128, 128, 128) in [0, 1] ->
+        (warped US, composed disp_ijk (N, 3, 128^3), rigid matrix (N, 3, 4), B-spline disp_ijk)."""
+        matrix = self.rigid_stage(fixed, moving)
+        rigid_warped = warp(moving, affine_displacement(matrix, list(moving.shape[2:])))
+        u = self.dense_field(fixed, rigid_warped)
+        disp = self.compose(matrix, u)
+        return warp(moving, disp), disp, matrix, u

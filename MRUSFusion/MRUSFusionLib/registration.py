@@ -1,0 +1,108 @@
+"""Register a US volume to the MR with a loaded cascade: the one entry point for the command
+line, the demo, the evaluation, the streaming service and the Slicer module."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from deepnav.imaging import Volume
+from MRUSFusionLib import fields, losses
+from MRUSFusionLib.model_io import LoadedModel
+from MRUSFusionLib.preprocess import FusionPair, prepare_pair
+from MRUSFusionLib.warp import jacobian_determinant
+
+
+@dataclasses.dataclass
+class Registration:
+    pair: FusionPair
+    warped: np.ndarray  # US resampled into the fusion grid through phi, float32 (128^3)
+    disp_ijk: np.ndarray  # composed phi(x) - x, (3, 128, 128, 128) voxels (i, j, k)
+    bspline_ijk: np.ndarray  # the B-spline stage's u, same layout
+    matrix_ijk: np.ndarray  # (3, 4) rigid, voxel space
+    timings: dict[str, float]
+
+    @property
+    def grid(self) -> Volume:
+        return self.pair.grid
+
+    def rigid_transform(self) -> sitk.AffineTransform:
+        """The rigid stage in LPS mm, resampling convention (MR point -> US point)."""
+        return fields.rigid_to_lps(self.matrix_ijk, self.grid)
+
+    def transform(self) -> sitk.CompositeTransform:
+        """The full cascade in LPS mm, valid everywhere (rigid outside the 128 mm grid)."""
+        return fields.composite_lps(self.matrix_ijk, self.bspline_ijk, self.grid)
+
+    def map_points_lps(self, points_mr: np.ndarray, rigid_only: bool = False) -> np.ndarray:
+        """Where MR points (N, 3, LPS mm) are found in the US, through the exported transform."""
+        t = self.rigid_transform() if rigid_only else self.transform()
+        return np.array([t.TransformPoint(tuple(float(c) for c in p)) for p in points_mr]).reshape(-1, 3)
+
+    def folding_percent(self) -> float:
+        """Share of voxels where the Jacobian determinant of phi is <= 0 (folding), percent."""
+        det = jacobian_determinant(torch.from_numpy(self.disp_ijk)[None])
+        return float(100.0 * (det <= 0).float().mean())
+
+    def quality(self) -> dict[str, float]:
+        """Similarity before/after (MIND distance, lower is better, in the US field of view) and folding."""
+        fixed = torch.from_numpy(self.pair.fixed)[None, None]
+        fov = torch.from_numpy(self.pair.fov)[None, None]
+        before = float(losses.mind_loss(fixed, torch.from_numpy(self.pair.moving)[None, None], fov))
+        after = float(losses.mind_loss(fixed, torch.from_numpy(self.warped)[None, None], fov))
+        return {"mind_before": before, "mind_after": after, "folding_percent": self.folding_percent()}
+
+    def write(self, out_dir: Path) -> dict[str, Path]:
+        """Transforms (rigid.tfm, field.nrrd, transform.h5) and the warped US in the fusion grid."""
+        from deepnav.imaging import write_volume
+
+        paths = fields.write_transforms(out_dir, self.matrix_ijk, self.disp_ijk, self.bspline_ijk, self.grid)
+        paths["warped_us"] = write_volume(self.grid.with_array(self.warped), out_dir / "warped_us.nrrd")
+        return paths
+
+
+def run_network(model: LoadedModel, pair: FusionPair) -> tuple[tuple[torch.Tensor, ...], float]:
+    """One forward pass on a preprocessed pair; returns CPU tensors and its wall time (s)."""
+    fixed = torch.from_numpy(pair.fixed)[None, None]
+    moving = torch.from_numpy(pair.moving)[None, None]
+    t0 = time.perf_counter()
+    outputs = model(fixed, moving)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    elapsed = time.perf_counter() - t0
+    return tuple(o.float().cpu() for o in outputs), elapsed
+
+
+def register_pair(model: LoadedModel, pair: FusionPair, timings: dict | None = None) -> Registration:
+    (warped, disp, matrix, u), elapsed = run_network(model, pair)
+    timings = dict(timings or {})
+    timings["network"] = elapsed
+    return Registration(pair, warped[0, 0].numpy(), disp[0].numpy(), u[0].numpy(), matrix[0].numpy(), timings)
+
+
+def register(model: LoadedModel, mr: Volume, us: Volume, *, liver: Volume | None = None,
+             initial: sitk.Transform | None = None) -> Registration:
+    """Resample MR and US into the fusion grid (US coarsely aligned, or through `initial`) and run."""
+    t0 = time.perf_counter()
+    pair = prepare_pair(mr, us, liver=liver, initial=initial)
+    result = register_pair(model, pair, {"preprocess": time.perf_counter() - t0})
+    if initial is not None:
+        fold_initial(result, initial)
+    return result
+
+
+def fold_initial(result: Registration, initial: sitk.Transform) -> None:
+    """The network saw the US resampled through `initial` (a linear transform, e.g. from paired
+    fiducials): the transforms out must map MR points all the way to the original US,
+    x -> initial(R(x + u(x))), so `initial` is composed into the rigid matrix and the field."""
+    outer = fields.affine_lps_to_ijk(initial, result.grid)
+    positions = result.disp_ijk + np.stack(np.meshgrid(*(np.arange(n) for n in result.disp_ijk.shape[1:]),
+                                                      indexing="ij")[::-1])
+    mapped = np.einsum("ab,bkji->akji", outer[:, :3], positions) + outer[:, 3, None, None, None]
+    result.disp_ijk = (mapped - (positions - result.disp_ijk)).astype(np.float32)
+    result.matrix_ijk = fields.compose_ijk(outer, result.matrix_ijk)

@@ -1,0 +1,257 @@
+"""Per-patient training of the cascade: the rigid stage first, then the B-spline stage.
+
+The rigid network learns from the vessel-label term only (as the spec says); the B-spline
+network then learns with the hybrid loss while the rigid network stays frozen. Each epoch ends
+with a validation score on held-out frames, a resumable checkpoint (written atomically), and the
+best-validation weights kept apart. Seeds make runs repeatable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepnav.progress import CancelToken, ProgressCallback, print_progress
+from deepnav.torch_runtime import seed_everything
+from MRUSFusionLib import losses
+from MRUSFusionLib.networks import Cascade
+from MRUSFusionLib.preprocess import FusionPair
+from MRUSFusionLib.warp import affine_displacement, rigid_matrix, warp
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    rigid_epochs: int = 10
+    bspline_epochs: int = 16
+    steps_per_epoch: int = 50
+    lr_rigid: float = 2e-4
+    lr_bspline: float = 3e-4
+    weights: losses.LossWeights = dataclasses.field(default_factory=losses.LossWeights)
+    label_sigma: float = 2.0  # voxels, blur of the vessel labels for the label term
+    loss_block: int = 80  # MIND is evaluated on a random block of this size inside the US
+    augment_shift: float = 4.0  # extra random rigid misalignment of the US, voxels
+    augment_rotation_deg: float = 3.0
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        data["weights"] = losses.LossWeights(**data["weights"])
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class Sample:
+    """One training pair on the fusion grid, as float16 tensors to halve the memory."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fov: torch.Tensor
+    fixed_label: torch.Tensor
+    moving_label: torch.Tensor
+
+    @classmethod
+    def from_pair(cls, pair: FusionPair) -> Sample:
+        if pair.fixed_label is None or pair.moving_label is None:
+            raise ValueError("training pairs need vessel labels on both sides")
+        t = [torch.from_numpy(a).to(torch.float16)[None, None] for a in
+             (pair.fixed, pair.moving, pair.fov, pair.fixed_label, pair.moving_label)]
+        return cls(*t)
+
+    def tensors(self, device):
+        return [t.to(device=device, dtype=torch.float32) for t in
+                (self.fixed, self.moving, self.fov, self.fixed_label, self.moving_label)]
+
+
+def _random_rigid_perturbation(model: Cascade, rng: np.random.Generator, config: TrainConfig, device) -> torch.Tensor:
+    params = np.concatenate([
+        rng.uniform(-config.augment_shift, config.augment_shift, 3),
+        np.deg2rad(rng.uniform(-config.augment_rotation_deg, config.augment_rotation_deg, 3)),
+    ])
+    matrix = rigid_matrix(torch.tensor(params, dtype=torch.float32, device=device)[None], model.centre)
+    return affine_displacement(matrix, [int(model.wz.shape[0])] * 3)
+
+
+def _augment(model, sample_tensors, rng, config, device):
+    """Resample the US side through a random rigid transform: more misalignments to learn from."""
+    fixed, moving, fov, fixed_label, moving_label = sample_tensors
+    disp = _random_rigid_perturbation(model, rng, config, device)
+    moving, fov, moving_label = (warp(t, disp) for t in (moving, fov, moving_label))
+    return fixed, moving, (fov > 0.5).float(), fixed_label, moving_label
+
+
+def _block(shape: tuple, size: int, fov: torch.Tensor, rng: np.random.Generator) -> tuple[slice, ...]:
+    """A random cubic block whose centre lies in the US field of view."""
+    if size >= shape[0]:
+        return (slice(None),) * 5
+    idx = torch.nonzero(fov[0, 0] > 0)
+    centre = idx[int(rng.integers(len(idx)))].numpy() if len(idx) else np.array(shape) // 2
+    start = np.clip(centre - size // 2, 0, np.array(shape) - size)
+    return (slice(None), slice(None)) + tuple(slice(int(s), int(s) + size) for s in start)
+
+
+def rigid_step(model: Cascade, batch, config: TrainConfig) -> torch.Tensor:
+    fixed, moving, fov, fixed_label, moving_label = batch
+    matrix = model.rigid_stage(fixed, moving)
+    disp = affine_displacement(matrix, list(fixed.shape[2:]))
+    warped_label = warp(losses.blur_label(moving_label, config.label_sigma), disp)
+    mask = warp(fov, disp)
+    return losses.label_loss(losses.blur_label(fixed_label, config.label_sigma), warped_label, mask)
+
+
+def bspline_step(model: Cascade, batch, config: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+    fixed, moving, fov, fixed_label, moving_label = batch
+    with torch.no_grad():
+        matrix = model.rigid_stage(fixed, moving)
+        rigid_warped = warp(moving, affine_displacement(matrix, list(fixed.shape[2:])))
+    u = model.dense_field(fixed, rigid_warped)
+    disp = model.compose(matrix, u)
+    warped = warp(moving, disp)
+    mask = warp(fov, disp)
+    warped_label = warp(losses.blur_label(moving_label, config.label_sigma), disp)
+    block = _block(fixed.shape[2:], config.loss_block, mask.detach(), rng)
+    terms = {
+        "label": losses.label_loss(losses.blur_label(fixed_label, config.label_sigma), warped_label, mask),
+        "mind": losses.mind_loss(fixed[block], warped[block], mask[block]),
+        "smooth": losses.smoothness(u),
+    }
+    w = config.weights
+    total = w.label * terms["label"] + w.mind * terms["mind"] + w.smooth * terms["smooth"]
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+@torch.no_grad()
+def validate(model: Cascade, samples: list[Sample], device) -> dict:
+    """Vessel Dice and label NCC after the full cascade, over held-out frames, and MIND."""
+    model.eval()
+    dice, ncc, mind = [], [], []
+    for sample in samples:
+        fixed, moving, fov, fixed_label, moving_label = sample.tensors(device)
+        warped, disp, _, _ = model(fixed, moving)
+        mask = (warp(fov, disp) > 0.5).float()
+        warped_label = warp(moving_label, disp)
+        dice.append(vessel_dice(fixed_label, warped_label, mask))
+        ncc.append(float(losses.ncc(fixed_label, warped_label, mask)))
+        mind.append(float(losses.mind_loss(fixed, warped, mask)))
+    model.train()
+    return {"vessel_dice": float(np.mean(dice)), "label_ncc": float(np.mean(ncc)), "mind": float(np.mean(mind))}
+
+
+def vessel_dice(fixed_label: torch.Tensor, warped_label: torch.Tensor, mask: torch.Tensor) -> float:
+    """Dice of the binarised labels inside the US field of view."""
+    a = (fixed_label > 0.5) & (mask > 0.5)
+    b = (warped_label > 0.5) & (mask > 0.5)
+    denominator = int(a.sum() + b.sum())
+    return 2.0 * int((a & b).sum()) / denominator if denominator else float("nan")
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train(
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    device: torch.device | None = None,
+    resume: bool = False,
+    progress: ProgressCallback = print_progress,
+    cancel: CancelToken | None = None,
+    metadata: dict | None = None,
+    init_state: dict | None = None,
+) -> tuple[Cascade, dict]:
+    """Train and return the best-validation model and the history. Writes to `out_dir`:
+    `checkpoint.pt` (resumable, every epoch), `best.pt` (best weights), `history.json`."""
+    if not train_samples or not val_samples:
+        raise ValueError("training needs at least one training and one validation frame")
+    device = device or torch.device("cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    model = Cascade().to(device)
+    if init_state is not None:  # fine-tuning from a trained model (e.g. the shipped one)
+        model.load_state_dict(init_state)
+    history: list[dict] = []
+    best = {"score": -math.inf, "epoch": -1}
+    epoch0 = 0
+    opt_state = None
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if resume and checkpoint_path.exists():
+        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{checkpoint_path} is not a checkpoint of this version")
+        model.load_state_dict(ckpt["model"])
+        config = TrainConfig.from_json(ckpt["config"])
+        history, best, epoch0, opt_state = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1, ckpt["optimizer"]
+        progress(0.0, f"resuming after epoch {epoch0} of {config.rigid_epochs + config.bspline_epochs}")
+    total_epochs = config.rigid_epochs + config.bspline_epochs
+    model.train()
+    optimizer = None
+    for epoch in range(epoch0, total_epochs):
+        stage = "rigid" if epoch < config.rigid_epochs else "bspline"
+        if optimizer is None or (stage == "bspline" and epoch == config.rigid_epochs):
+            params = model.rigid.parameters() if stage == "rigid" else model.bspline.parameters()
+            lr = config.lr_rigid if stage == "rigid" else config.lr_bspline
+            optimizer = torch.optim.Adam(params, lr=lr)
+            if opt_state is not None and opt_state["stage"] == stage:
+                optimizer.load_state_dict(opt_state["state"])
+        rng = np.random.default_rng([config.seed, epoch])
+        t0 = time.perf_counter()
+        running: dict[str, list[float]] = {}
+        for step in range(config.steps_per_epoch):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            sample = train_samples[int(rng.integers(len(train_samples)))]
+            batch = _augment(model, sample.tensors(device), rng, config, device)
+            if stage == "rigid":
+                loss = rigid_step(model, batch, config)
+                terms = {"label": float(loss.detach())}
+            else:
+                loss, terms = bspline_step(model, batch, config, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in {"loss": float(loss.detach()), **terms}.items():
+                running.setdefault(k, []).append(v)
+            done = (epoch + (step + 1) / config.steps_per_epoch) / total_epochs
+            if (step + 1) % 10 == 0:
+                recent = np.mean(running["loss"][-10:])
+                progress(done, f"epoch {epoch + 1}/{total_epochs} ({stage}) step {step + 1}: loss {recent:.4f}")
+        scores = validate(model, val_samples, device)
+        record = {"epoch": epoch, "stage": stage, "seconds": time.perf_counter() - t0,
+                  **{f"train_{k}": float(np.mean(v)) for k, v in running.items()},
+                  **{f"val_{k}": v for k, v in scores.items()}}
+        history.append(record)
+        progress((epoch + 1) / total_epochs,
+                 f"epoch {epoch + 1}/{total_epochs} ({stage}) val vessel Dice {scores['vessel_dice']:.3f} "
+                 f"label NCC {scores['label_ncc']:.3f} MIND {scores['mind']:.4f}")
+        # best = highest label NCC, then (same NCC) lowest MIND; the B-spline stage must improve on the rigid
+        score = scores["label_ncc"] - scores["mind"]
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch, **scores}
+            _save_atomic({"model": model.state_dict(), "epoch": epoch, "scores": scores}, out_dir / "best.pt")
+        _save_atomic({
+            "version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
+            "optimizer": {"stage": stage, "state": optimizer.state_dict()},
+            "config": config.to_json(), "history": history, "best": best,
+        }, checkpoint_path)
+        (out_dir / "history.json").write_text(json.dumps({"config": config.to_json(), "history": history,
+                                                          "best": best, "metadata": metadata or {}}, indent=2))
+    best_state = torch.load(out_dir / "best.pt", map_location=device, weights_only=False)
+    model.load_state_dict(best_state["model"])
+    model.eval()
+    return model, {"history": history, "best": best, "config": config.to_json()}

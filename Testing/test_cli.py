@@ -1,0 +1,80 @@
+"""The command line works on real files and fails with one clear line on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from deepnav.cli import main
+from deepnav.imaging import read_volume, write_volume
+
+
+@pytest.fixture(scope="module")
+def patient_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("patient")
+    assert main(["fusion", "phantom", "--seed", "6", "--frames", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_phantom_writes_a_readable_patient(patient_dir):
+    index = json.loads((patient_dir / "patient.json").read_text())
+    mr = read_volume(patient_dir / index["mr"])
+    assert read_volume(patient_dir / index["mr_vessels"]).same_grid(mr)
+    assert (patient_dir / index["frames"][0]["landmarks_us"]).exists()
+
+
+def test_register_writes_transforms_that_simpleitk_loads(patient_dir, tmp_path):
+    out = tmp_path / "reg"
+    code = main(["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--us", str(patient_dir / "us_00.nrrd"),
+                 "--liver", str(patient_dir / "mr_liver.nrrd"), "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "registration.json").read_text())
+    assert report["folding_percent"] < 1.0 and report["timings_s"]["network"] > 0
+    composite = sitk.ReadTransform(str(out / "transform.h5"))
+    field = sitk.ReadImage(str(out / "field.nrrd"))
+    assert field.GetNumberOfComponentsPerPixel() == 3
+    centre = field.TransformContinuousIndexToPhysicalPoint([63.5] * 3)
+    moved = np.array(composite.TransformPoint(centre))
+    assert np.linalg.norm(moved - centre) < 30  # a plausible displacement, in mm
+    assert read_volume(out / "warped_us.nrrd").size_ijk == (128, 128, 128)
+
+
+def test_register_with_an_initial_transform_composes_it(patient_dir, tmp_path):
+    shift = sitk.TranslationTransform(3, (4.0, -3.0, 2.0))
+    sitk.WriteTransform(shift, str(tmp_path / "initial.tfm"))
+    out = tmp_path / "reg"
+    assert main(["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--us", str(patient_dir / "us_00.nrrd"),
+                 "--initial", str(tmp_path / "initial.tfm"), "--device", "cpu", "--out", str(out)]) == 0
+    assert (out / "transform.h5").exists()
+
+
+def test_missing_file_is_one_clear_line(tmp_path, capsys):
+    code = main(["fusion", "register", "--mr", str(tmp_path / "none.nrrd"), "--us", str(tmp_path / "none.nrrd"),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "MR file not found" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_wrong_model_file_and_nan_volume_are_refused(patient_dir, tmp_path, capsys):
+    bad_model = tmp_path / "model.pt"
+    bad_model.write_bytes(b"\x00" * 100)
+    code = main(["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--us", str(patient_dir / "us_00.nrrd"),
+                 "--model", str(bad_model), "--out", str(tmp_path / "o")])
+    assert code == 2 and "not a torch model archive" in capsys.readouterr().err
+    us = read_volume(patient_dir / "us_00.nrrd")
+    nan_us = us.with_array(us.array.astype(np.float32))
+    nan_us.array[5, 5, 5] = np.nan
+    write_volume(nan_us, tmp_path / "nan.nrrd")
+    code = main(["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--us", str(tmp_path / "nan.nrrd"),
+                 "--device", "cpu", "--out", str(tmp_path / "o2")])
+    assert code == 2 and "NaN" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_training_from_files_refuses_mismatched_labels(patient_dir, tmp_path, capsys):
+    code = main(["fusion", "train", "--mr", str(patient_dir / "mr.nrrd"), "--mr-vessels", str(patient_dir / "mr_vessels.nrrd"),
+                 "--us", str(patient_dir / "us_00.nrrd"), "--us-vessels", str(patient_dir / "mr_vessels.nrrd"),
+                 "--out", str(tmp_path / "t")])
+    assert code == 2 and "US vessel label does not match" in capsys.readouterr().err

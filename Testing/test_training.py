@@ -1,0 +1,68 @@
+"""Training learns, checkpoints resume to the same result, and cancel stops it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepnav.progress import Cancelled, CancelToken, silent
+from MRUSFusionLib import losses
+from MRUSFusionLib.preprocess import prepare_pair
+from MRUSFusionLib.training import Sample, TrainConfig, rigid_step, train
+
+
+@pytest.fixture(scope="module")
+def samples(patient):
+    return [Sample.from_pair(prepare_pair(patient.mr, f.image, liver=patient.liver,
+                                          mr_vessels=patient.vessels, us_vessels=f.vessels))
+            for f in patient.frames]
+
+
+def _tiny(**kw):
+    base = dict(rigid_epochs=1, bspline_epochs=1, steps_per_epoch=2, augment_shift=0.0,
+                augment_rotation_deg=0.0, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_rigid_stage_reduces_the_vessel_label_loss(samples, tmp_path):
+    config = _tiny(rigid_epochs=1, bspline_epochs=0, steps_per_epoch=12, lr_rigid=1e-3)
+    from MRUSFusionLib.networks import Cascade
+
+    batch = samples[1].tensors("cpu")
+    with torch.no_grad():
+        before = float(rigid_step(Cascade(), batch, config))
+    model, _ = train(samples[1:], samples[1:], tmp_path, config, progress=silent)
+    with torch.no_grad():
+        after = float(rigid_step(model, batch, config))
+    assert after < before - 0.02
+
+
+def test_resumed_training_equals_uninterrupted_training(samples, tmp_path):
+    config = _tiny()
+    straight, info = train(samples[:1], samples[1:], tmp_path / "a", config, progress=silent)
+    # stop after the rigid epoch, then resume for the B-spline epoch
+    train(samples[:1], samples[1:], tmp_path / "b", _tiny(bspline_epochs=0), progress=silent)
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    ckpt["config"]["bspline_epochs"] = 1  # the user asks for more epochs on resume
+    torch.save(ckpt, tmp_path / "b" / "checkpoint.pt")
+    resumed, info_b = train(samples[:1], samples[1:], tmp_path / "b", config, resume=True, progress=silent)
+    assert [h["epoch"] for h in info_b["history"]] == [0, 1]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    history = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert len(history["history"]) == 2
+    assert {"val_vessel_dice", "val_label_ncc", "val_mind"} <= set(history["history"][-1])
+    assert np.isfinite(info["best"]["vessel_dice"])
+
+
+def test_cancel_stops_training_between_steps(samples, tmp_path):
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        train(samples[:1], samples[1:], tmp_path, _tiny(), cancel=token, progress=silent)
+
+
+def test_loss_weights_default_to_the_specs_reading():
+    w = losses.LossWeights()
+    assert (w.label, w.mind, w.smooth) == (0.01, 100.0, 1.0)
