@@ -78,3 +78,19 @@ def test_training_from_files_refuses_mismatched_labels(patient_dir, tmp_path, ca
                  "--us", str(patient_dir / "us_00.nrrd"), "--us-vessels", str(patient_dir / "mr_vessels.nrrd"),
                  "--out", str(tmp_path / "t")])
     assert code == 2 and "US vessel label does not match" in capsys.readouterr().err
+
+
+def test_synthetic_training_writes_loadable_models_and_resumes(tmp_path):
+    from MRUSFusionLib.model_io import load_model
+
+    out = tmp_path / "model"
+    common = ["fusion", "train", "--synthetic", "2", "--frames", "2", "--val-patients", "1", "--steps-per-epoch", "1",
+              "--device", "cpu", "--out", str(out)]
+    assert main(common + ["--rigid-epochs", "1", "--bspline-epochs", "0"]) == 0
+    assert main(common + ["--rigid-epochs", "1", "--bspline-epochs", "1", "--resume"]) == 0
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert [h["stage"] for h in history] == ["rigid", "bspline"]
+    for name in ("model.pt", "model.pt2"):
+        model = load_model(out / name, "cpu")
+        assert model.metadata["training"]["kind"] == "synthetic"
+        assert len(model.metadata["training"]["patient_seeds"]) == 2

@@ -9,7 +9,7 @@ import torch
 from deepnav.progress import Cancelled, CancelToken, silent
 from MRUSFusionLib import losses
 from MRUSFusionLib.preprocess import prepare_pair
-from MRUSFusionLib.training import Sample, TrainConfig, rigid_step, train
+from MRUSFusionLib.training import Sample, TrainConfig, checkpoint_config, rigid_step, train
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,10 @@ def test_resumed_training_equals_uninterrupted_training(samples, tmp_path):
     straight, info = train(samples[:1], samples[1:], tmp_path / "a", config, progress=silent)
     # stop after the rigid epoch, then resume for the B-spline epoch
     train(samples[:1], samples[1:], tmp_path / "b", _tiny(bspline_epochs=0), progress=silent)
-    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
-    ckpt["config"]["bspline_epochs"] = 1  # the user asks for more epochs on resume
-    torch.save(ckpt, tmp_path / "b" / "checkpoint.pt")
-    resumed, info_b = train(samples[:1], samples[1:], tmp_path / "b", config, resume=True, progress=silent)
+    extended = checkpoint_config(tmp_path / "b")
+    extended.bspline_epochs = 1  # the user asks for more epochs on resume
+    assert extended == config
+    resumed, info_b = train(samples[:1], samples[1:], tmp_path / "b", extended, resume=True, progress=silent)
     assert [h["epoch"] for h in info_b["history"]] == [0, 1]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

@@ -39,6 +39,10 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--weights", type=float, nargs=3, metavar=("LABEL", "MIND", "SMOOTH"),
                    help="loss weights (default: the spec's 0.01 100 1)")
+    p.add_argument("--lr-rigid", type=float)
+    p.add_argument("--lr-bspline", type=float)
+    p.add_argument("--augment-shift", type=float, help="random extra US shift, voxels (0: none)")
+    p.add_argument("--augment-rotation", type=float, help="random extra US rotation, degrees (0: none)")
     p.add_argument("--init", type=Path, help="start from this model (.pt), e.g. the shipped one, to fine-tune")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", default="auto")
@@ -100,10 +104,13 @@ def _train(args) -> int:
     from MRUSFusionLib import dataset, losses, model_io, training
 
     configure_threads()
-    config = training.TrainConfig(seed=args.seed)
-    for name in ("rigid_epochs", "bspline_epochs", "steps_per_epoch"):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
+    config = (training.checkpoint_config(args.out) if args.resume else None) or training.TrainConfig(seed=args.seed)
+    overrides = {"rigid_epochs": args.rigid_epochs, "bspline_epochs": args.bspline_epochs,
+                 "steps_per_epoch": args.steps_per_epoch, "lr_rigid": args.lr_rigid, "lr_bspline": args.lr_bspline,
+                 "augment_shift": args.augment_shift, "augment_rotation_deg": args.augment_rotation}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(config, name, value)
     if args.weights:
         config.weights = losses.LossWeights(*args.weights)
     if args.synthetic:

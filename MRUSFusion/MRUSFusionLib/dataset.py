@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -26,8 +27,9 @@ def patient_samples(seed: int, frames: int) -> list[Sample]:
 
 
 def synthetic_samples(seeds: list[int], frames: int, workers: int = 2) -> list[list[Sample]]:
-    """One list of samples per patient, generated in parallel processes."""
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    """One list of samples per patient, generated in parallel processes. The workers are spawned,
+    not forked: a fork after torch has started its thread pool can deadlock the children."""
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(patient_samples, seeds, [frames] * len(seeds)))
 
 

@@ -156,6 +156,14 @@ def vessel_dice(fixed_label: torch.Tensor, warped_label: torch.Tensor, mask: tor
     return 2.0 * int((a & b).sum()) / denominator if denominator else float("nan")
 
 
+def checkpoint_config(out_dir: Path) -> TrainConfig | None:
+    """The configuration a run in `out_dir` was started with (to resume it), or None."""
+    path = out_dir / "checkpoint.pt"
+    if not path.exists():
+        return None
+    return TrainConfig.from_json(torch.load(path, map_location="cpu", weights_only=False)["config"])
+
+
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".partial")
     torch.save(obj, tmp)
@@ -176,7 +184,9 @@ def train(
     init_state: dict | None = None,
 ) -> tuple[Cascade, dict]:
     """Train and return the best-validation model and the history. Writes to `out_dir`:
-    `checkpoint.pt` (resumable, every epoch), `best.pt` (best weights), `history.json`."""
+    `checkpoint.pt` (resumable, every epoch), `best.pt` (best weights), `history.json`.
+    With `resume`, training continues after the checkpoint's last epoch up to `config`'s epoch
+    counts (pass `checkpoint_config(out_dir)` with more epochs to extend a finished run)."""
     if not train_samples or not val_samples:
         raise ValueError("training needs at least one training and one validation frame")
     device = device or torch.device("cpu")
@@ -195,7 +205,6 @@ def train(
         if ckpt.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{checkpoint_path} is not a checkpoint of this version")
         model.load_state_dict(ckpt["model"])
-        config = TrainConfig.from_json(ckpt["config"])
         history, best, epoch0, opt_state = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1, ckpt["optimizer"]
         progress(0.0, f"resuming after epoch {epoch0} of {config.rigid_epochs + config.bspline_epochs}")
     total_epochs = config.rigid_epochs + config.bspline_epochs
