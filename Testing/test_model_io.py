@@ -40,11 +40,14 @@ def test_exported_model_matches_eager(tmp_path, model_and_input, suffix):
     assert expected[1].abs().max() > 0.1  # a real, non-identity field
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, atol=TOLERANCE_VOXELS, rtol=1e-4)
+    for (name, a), b in zip(model.state_dict().items(), loaded.eager().state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)  # what `train --init` fine-tunes from
 
 
-def test_model_file_stays_small_without_identity_grids(tmp_path, model_and_input):
-    path = model_io.save_torchscript(model_and_input[0], tmp_path / "m.pt")
-    assert path.stat().st_size < 5e6  # a 128^3 x 3 identity grid alone would be 25 MB
+def test_model_files_stay_small(tmp_path, model_and_input):
+    # a 128^3 x 3 identity grid alone would be 25 MB; torch.export's example inputs 16 MB
+    assert model_io.save_torchscript(model_and_input[0], tmp_path / "m.pt").stat().st_size < 5e6
+    assert model_io.save_exported(model_and_input[0], tmp_path / "m.pt2").stat().st_size < 5e6
 
 
 def test_foreign_and_wrong_version_files_are_refused(tmp_path, model_and_input):

@@ -38,7 +38,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bspline-epochs", type=int)
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--weights", type=float, nargs=3, metavar=("LABEL", "MIND", "SMOOTH"),
-                   help="loss weights (default: the spec's 0.01 100 1)")
+                   help="loss weights (default 100 0.01 1: labels main; the spec's other reading is 0.01 100 1)")
     p.add_argument("--lr-rigid", type=float)
     p.add_argument("--lr-bspline", type=float)
     p.add_argument("--augment-shift", type=float, help="random extra US shift, voxels (0: none)")
@@ -138,7 +138,8 @@ def _train(args) -> int:
     device = pick_device(args.device)
     init = model_io.load_model(args.init, "cpu").eager().state_dict() if args.init else None
     metadata = {"training": {**source, "config": config.to_json(),
-                             "loss_reading": "alpha*label + beta*MIND + gamma*smoothness"}}
+                             "loss": f"{config.weights.label} * label + {config.weights.mind} * MIND + "
+                                     f"{config.weights.smooth} * smoothness"}}
     model, info = training.train(train_samples, val_samples, args.out, config, device=device, resume=args.resume,
                                  metadata=metadata, init_state=init)
     metadata["training"]["best"] = info["best"]

@@ -47,6 +47,8 @@ def save_exported(model: Cascade, path: Path, metadata: dict | None = None) -> P
     # exported graph then reads the fixed image where the moving one should be
     fixed, moving = torch.zeros(1, 1, GRID, GRID, GRID), torch.zeros(1, 1, GRID, GRID, GRID)
     program = torch.export.export(model, (fixed, moving))
+    # the program keeps its example inputs (16 MB of zeros) and save() would store them
+    program._example_inputs = None
     tmp = path.with_name(".partial-" + path.name)
     torch.export.save(program, str(tmp), extra_files={METADATA_NAME: _record(metadata)})
     tmp.replace(path)
@@ -69,7 +71,8 @@ class LoadedModel:
     def eager(self) -> Cascade:
         """An eager Cascade with these weights (to fine-tune per patient)."""
         model = Cascade()
-        model.load_state_dict(self.module.state_dict())
+        learned = model.state_dict().keys()  # a scripted module also lists the derived buffers
+        model.load_state_dict({k: v for k, v in self.module.state_dict().items() if k in learned})
         return model
 
 

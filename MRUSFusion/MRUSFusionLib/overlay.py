@@ -54,10 +54,11 @@ def overlay_panel(mr: np.ndarray, us_before: np.ndarray, us_after: np.ndarray, f
         centre_kji = tuple(int(c) for c in np.array(np.nonzero(fov)).mean(axis=1)) if fov.any() else \
             tuple(n // 2 for n in mr.shape)
     rows = []
-    for us in (us_before, us_after):
+    # after registration the US has moved: its data covers where the warped image is non-zero
+    for us, extent in ((us_before, fov), (us_after, (us_after > 0).astype(np.float32))):
         tiles = [blend(m, u, f) for m, u, f in zip(orthogonal_slices(mr, centre_kji),
                                                    orthogonal_slices(us, centre_kji),
-                                                   orthogonal_slices(fov, centre_kji), strict=True)]
+                                                   orthogonal_slices(extent, centre_kji), strict=True)]
         height = max(t.shape[0] for t in tiles)
         gap = np.full((height, 4, 3), 255, np.uint8)
         rows.append(np.concatenate(sum(([_pad_to(t, height), gap] for t in tiles), [])[:-1], axis=1))
