@@ -49,6 +49,19 @@ def _inside(points_lps: np.ndarray, volume_geometry, mask: np.ndarray) -> np.nda
     return out
 
 
+def landmark_errors(result, patient, frame) -> dict[str, np.ndarray]:
+    """Errors (mm) of the landmarks inside the fusion grid and the US field of view: initial
+    (identity), after the rigid stage, after the cascade; through the exported LPS transforms."""
+    truth = frame.landmarks_lps
+    use = _inside(patient.landmarks_lps, result.grid, np.ones_like(result.pair.fov)) & \
+        _inside(truth, frame.fov, frame.fov.array)
+    x = patient.landmarks_lps[use]
+    return {"initial": np.linalg.norm(x - truth[use], axis=1),
+            "rigid": np.linalg.norm(result.map_points_lps(x, rigid_only=True) - truth[use], axis=1),
+            "final": np.linalg.norm(result.map_points_lps(x) - truth[use], axis=1),
+            "used": use}
+
+
 def _dice_through(transform: sitk.Transform, frame, pair) -> float:
     """Vessel Dice after resampling the *original* US label through a transform into the grid."""
     warped = resample_with(transform, frame.vessels.with_array(frame.vessels.array.astype(np.float32)), pair.grid)
@@ -80,13 +93,11 @@ def evaluate(model: LoadedModel, cases: int, seed: int, *, frames: int = 2, base
             result = register_pair(model, pair)
             for _ in range(latency_repeats):
                 latencies.append(run_network(model, pair)[1])
-            truth = frame.landmarks_lps
-            use = _inside(patient.landmarks_lps, pair.grid, np.ones_like(pair.fov)) & _inside(truth, frame.fov, frame.fov.array)
+            err = landmark_errors(result, patient, frame)
+            use, truth = err["used"], frame.landmarks_lps
             x = patient.landmarks_lps[use]
             row = {"case": n, "patient_seed": patient_seed, "frame": f_idx, "landmarks": int(use.sum()),
-                   "tre_initial_mm": np.linalg.norm(x - truth[use], axis=1),
-                   "tre_rigid_mm": np.linalg.norm(result.map_points_lps(x, rigid_only=True) - truth[use], axis=1),
-                   "tre_final_mm": np.linalg.norm(result.map_points_lps(x) - truth[use], axis=1),
+                   "tre_initial_mm": err["initial"], "tre_rigid_mm": err["rigid"], "tre_final_mm": err["final"],
                    "dice_vessels_initial": _dice_through(sitk.Transform(3, sitk.sitkIdentity), frame, pair),
                    "dice_vessels_final": _dice_through(result.transform(), frame, pair),
                    "folding_percent": result.folding_percent(),

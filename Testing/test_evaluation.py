@@ -1,0 +1,33 @@
+"""The evaluation's numbers mean what they say: an identity network leaves every landmark where the
+coarse alignment put it, and the summary has the keys scripts rely on."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepnav.progress import silent
+from MRUSFusionLib.evaluation import case_seeds, evaluate
+from MRUSFusionLib.model_io import LoadedModel
+from MRUSFusionLib.networks import Cascade
+
+
+def test_identity_network_scores_its_initial_error():
+    identity = LoadedModel(Cascade().eval(), {}, torch.device("cpu"), Path("identity"))
+    report = evaluate(identity, cases=1, seed=0, frames=1, baseline=False, latency_repeats=1, progress=silent)
+    s = report["summary"]
+    for key in ("tre_initial_mm", "tre_rigid_mm", "tre_final_mm"):
+        assert {"median", "p90"} <= set(s[key])
+    assert s["tre_final_mm"]["median"] == pytest.approx(s["tre_initial_mm"]["median"], abs=1e-3)
+    assert s["dice_vessels_final"] == pytest.approx(s["dice_vessels_initial"], abs=1e-6)
+    assert s["folding_percent"] == 0.0 and s["latency_s"]["median"] > 0
+    assert np.isfinite(s["tre_initial_mm"]["median"]) and report["cases"][0]["landmarks"] >= 3
+
+
+def test_evaluation_patients_never_overlap_training_patients():
+    from MRUSFusionLib.dataset import TRAINING_SEED_BASE
+
+    assert max(case_seeds(100, TRAINING_SEED_BASE // 100 - 1)) < TRAINING_SEED_BASE
+    with pytest.raises(ValueError):
+        case_seeds(5, TRAINING_SEED_BASE // 100)
