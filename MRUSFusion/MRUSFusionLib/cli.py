@@ -98,8 +98,6 @@ def _phantom(args) -> int:
 
 
 def _train(args) -> int:
-    import torch
-
     from deepnav.torch_runtime import configure_threads, pick_device
     from MRUSFusionLib import dataset, losses, model_io, training
 
@@ -147,7 +145,6 @@ def _train(args) -> int:
     model_io.save_exported(model, args.out / "model.pt2", metadata)
     print(f"best validation (epoch {info['best']['epoch'] + 1}): vessel Dice {info['best']['vessel_dice']:.3f}; "
           f"wrote {args.out / 'model.pt'} and {args.out / 'model.pt2'}")
-    del torch
     return 0
 
 

@@ -10,6 +10,7 @@ Initial TRE uses the identity (the coarse alignment), rigid TRE the rigid stage 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ def evaluate(model: LoadedModel, cases: int, seed: int, *, frames: int = 2, base
 
 def machine_description() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

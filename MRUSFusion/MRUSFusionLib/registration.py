@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from deepnav.imaging import Volume
+from deepnav.imaging import Volume, write_volume
 from MRUSFusionLib import fields, losses
 from MRUSFusionLib.model_io import LoadedModel
 from MRUSFusionLib.preprocess import FusionPair, prepare_pair
@@ -59,8 +59,6 @@ class Registration:
 
     def write(self, out_dir: Path) -> dict[str, Path]:
         """Transforms (rigid.tfm, field.nrrd, transform.h5) and the warped US in the fusion grid."""
-        from deepnav.imaging import write_volume
-
         paths = fields.write_transforms(out_dir, self.matrix_ijk, self.disp_ijk, self.bspline_ijk, self.grid)
         paths["warped_us"] = write_volume(self.grid.with_array(self.warped), out_dir / "warped_us.nrrd")
         return paths
