@@ -22,7 +22,7 @@ import torch
 from deepnav.progress import ProgressCallback, print_progress
 from MRUSFusionLib.baseline import BaselineSettings, register_classical
 from MRUSFusionLib.dataset import TRAINING_SEED_BASE
-from MRUSFusionLib.fields import resample_with
+from MRUSFusionLib.fields import resample_with, transform_points
 from MRUSFusionLib.model_io import LoadedModel
 from MRUSFusionLib.phantom import make_patient
 from MRUSFusionLib.preprocess import prepare_pair
@@ -105,8 +105,7 @@ def evaluate(model: LoadedModel, cases: int, seed: int, *, frames: int = 2, base
                    "network_s": result.timings["network"]}
             if baseline:
                 transform, runtime = register_classical(pair, settings)
-                row["tre_baseline_mm"] = np.linalg.norm(
-                    np.array([transform.TransformPoint(tuple(p)) for p in x]).reshape(-1, 3) - truth[use], axis=1)
+                row["tre_baseline_mm"] = np.linalg.norm(transform_points(transform, x) - truth[use], axis=1)
                 row["dice_vessels_baseline"] = _dice_through(transform, frame, pair)
                 row["baseline_runtime_s"] = runtime
             for key in errors:

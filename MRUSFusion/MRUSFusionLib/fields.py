@@ -38,11 +38,16 @@ def rigid_to_lps(matrix_ijk: np.ndarray, grid: Volume) -> sitk.AffineTransform:
     return transform
 
 
+def transform_points(transform: sitk.Transform, points_lps: np.ndarray) -> np.ndarray:
+    """Points (N, 3, LPS mm) through an ITK transform (resampling convention: MR -> US)."""
+    return np.array([transform.TransformPoint(tuple(float(c) for c in p)) for p in points_lps]).reshape(-1, 3)
+
+
 def affine_lps_to_ijk(transform: sitk.Transform, grid: Volume) -> np.ndarray:
     """A linear LPS transform (affine, Euler, versor...) as a (3, 4) voxel-space matrix on `grid`."""
     points = np.vstack([np.zeros(3), np.eye(3)])  # the transform is recovered from 4 points
     lps = grid.index_to_lps(points)
-    mapped = grid.lps_to_index(np.array([transform.TransformPoint(tuple(p)) for p in lps]))
+    mapped = grid.lps_to_index(transform_points(transform, lps))
     b = mapped[0]
     return np.column_stack([(mapped[1:] - b).T, b])
 

@@ -41,8 +41,7 @@ class Registration:
 
     def map_points_lps(self, points_mr: np.ndarray, rigid_only: bool = False) -> np.ndarray:
         """Where MR points (N, 3, LPS mm) are found in the US, through the exported transform."""
-        t = self.rigid_transform() if rigid_only else self.transform()
-        return np.array([t.TransformPoint(tuple(float(c) for c in p)) for p in points_mr]).reshape(-1, 3)
+        return fields.transform_points(self.rigid_transform() if rigid_only else self.transform(), points_mr)
 
     def folding_percent(self) -> float:
         """Share of voxels where the Jacobian determinant of phi is <= 0 (folding), percent."""
