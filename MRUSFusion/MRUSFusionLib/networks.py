@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from MRUSFusionLib.bspline import CONTROL_POINTS, CONTROL_SPACING, bspline_matrix, upsample_control_points
-from MRUSFusionLib.warp import add_identity, affine_displacement, apply_affine_to_positions, rigid_matrix, warp
+from MRUSFusionLib.warp import affine_displacement, compose_affine, rigid_matrix, warp
 
 GRID = 128
 TRANSLATION_SCALE = 10.0  # voxels per unit of the rigid head's output
@@ -90,8 +90,7 @@ class Cascade(nn.Module):
 
     def compose(self, matrix: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """disp of phi(x) = R(x + u(x)), i.e. phi(x) - x, in voxels (i, j, k)."""
-        pos = add_identity(u)
-        return apply_affine_to_positions(matrix, pos) - (pos - u)
+        return compose_affine(matrix, u)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor):
         """fixed MR and moving US, (N, 1, 128, 128, 128) in [0, 1] ->

@@ -15,7 +15,7 @@ from deepnav.imaging import Volume, write_volume
 from MRUSFusionLib import fields, losses
 from MRUSFusionLib.model_io import LoadedModel
 from MRUSFusionLib.preprocess import FusionPair, prepare_pair
-from MRUSFusionLib.warp import jacobian_determinant
+from MRUSFusionLib.warp import compose_affine, jacobian_determinant
 
 
 @dataclasses.dataclass
@@ -98,8 +98,6 @@ def fold_initial(result: Registration, initial: sitk.Transform) -> None:
     fiducials): the transforms out must map MR points all the way to the original US,
     x -> initial(R(x + u(x))), so `initial` is composed into the rigid matrix and the field."""
     outer = fields.affine_lps_to_ijk(initial, result.grid)
-    positions = result.disp_ijk + np.stack(np.meshgrid(*(np.arange(n) for n in result.disp_ijk.shape[1:]),
-                                                      indexing="ij")[::-1])
-    mapped = np.einsum("ab,bkji->akji", outer[:, :3], positions) + outer[:, 3, None, None, None]
-    result.disp_ijk = (mapped - (positions - result.disp_ijk)).astype(np.float32)
+    outer_t = torch.from_numpy(outer).float()[None]
+    result.disp_ijk = compose_affine(outer_t, torch.from_numpy(result.disp_ijk)[None])[0].numpy()
     result.matrix_ijk = fields.compose_ijk(outer, result.matrix_ijk)

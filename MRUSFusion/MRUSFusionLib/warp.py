@@ -68,6 +68,12 @@ def apply_affine_to_positions(matrix: torch.Tensor, pos_ijk: torch.Tensor) -> to
     return out.reshape(pos_ijk.shape)
 
 
+def compose_affine(matrix: torch.Tensor, disp_ijk: torch.Tensor) -> torch.Tensor:
+    """The displacement of x -> A(x + u(x)) + b, i.e. A(x + u) + b - x, in voxels (i, j, k)."""
+    pos = add_identity(disp_ijk)
+    return apply_affine_to_positions(matrix, pos) - (pos - disp_ijk)
+
+
 def affine_displacement(matrix: torch.Tensor, size: list[int]) -> torch.Tensor:
     """The displacement A x + b - x of an affine map on a grid of `size` (D, H, W)."""
     zero = torch.zeros([matrix.shape[0], 3] + size, dtype=matrix.dtype, device=matrix.device)
