@@ -1,4 +1,4 @@
-"""`deepnav fusion phantom|train|register|demo|evaluate`."""
+"""`deepnav fusion phantom|train|register|serve|demo|bench-stream|evaluate`."""
 
 from __future__ import annotations
 
@@ -59,12 +59,39 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=_register)
 
-    p = sub.add_parser("demo", help="register the built-in synthetic patient; overlay pictures and a report")
-    p.add_argument("--frames", type=int, default=4)
+    p = sub.add_parser("serve", help="the OpenIGTLink fusion service: register each incoming US volume to the MR")
+    p.add_argument("--mr", type=Path, help="preoperative MR (default: the built-in synthetic patient)")
+    p.add_argument("--liver", type=Path, help="liver mask on the MR grid (centres the 128 mm region)")
+    p.add_argument("--model", type=Path, help="model .pt or .pt2 (default: the shipped model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=18944)
+    p.add_argument("--connect", metavar="HOST:PORT", help="connect out to a US source (e.g. a PLUS server) instead")
+    p.add_argument("--us-device", action="append", metavar="NAME",
+                   help="IMAGE device name(s) to register (default: any)")
+    p.add_argument("--echo", action="store_true", help="send each volume straight back (transport test)")
+    p.add_argument("--max-frames", type=int, help="stop after this many registered frames")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(run=_serve)
+
+    p = sub.add_parser("demo", help="live fusion demo: the service and a simulated scanner over loopback OpenIGTLink")
+    p.add_argument("--frames", type=int, default=24, help="frames to stream")
+    p.add_argument("--rate", type=float, default=2.0, help="scanner frame rate, Hz")
+    p.add_argument("--us", type=Path, nargs="+", help="replay these US volumes instead of the synthetic patient")
+    p.add_argument("--mr", type=Path, help="MR for --us (default: the first US volume is the reference)")
     p.add_argument("--model", type=Path)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.set_defaults(run=_demo)
+
+    p = sub.add_parser("bench-stream", help="streaming latency, throughput and memory, fusion against transport alone")
+    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--rate", type=float, default=2.0)
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="cubic uint8 volume sizes")
+    p.add_argument("--model", type=Path)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, required=True)
+    p.set_defaults(run=_bench_stream)
 
     p = sub.add_parser("evaluate", help="accuracy and speed on unseen synthetic patients, against SimpleITK")
     p.add_argument("--cases", type=int, default=5)
@@ -174,15 +201,80 @@ def _register(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import logging
+    import signal
+
+    from deepnav.imaging import read_volume
+    from MRUSFusionLib.service import EchoProcessor, FusionProcessor, FusionService
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    connect = None
+    if args.connect:
+        host, _, port = args.connect.rpartition(":")
+        if not host or not port.isdigit():
+            raise InputError(f"--connect wants HOST:PORT, got {args.connect!r}")
+        connect = (host, int(port))
+    if args.echo:
+        processor = EchoProcessor()
+    else:
+        model = _load(args)
+        if args.mr:
+            mr = read_volume(args.mr, what="MR")
+            liver = read_volume(args.liver, what="liver mask") if args.liver else None
+        else:
+            from MRUSFusionLib.demo import DEMO_PATIENT_SEED
+            from MRUSFusionLib.phantom import make_patient
+
+            print_progress(0.0, f"no --mr: serving the built-in synthetic patient {DEMO_PATIENT_SEED}")
+            patient = make_patient(DEMO_PATIENT_SEED, frames=1)  # the MR does not depend on the frames
+            mr, liver = patient.mr, patient.liver
+        processor = FusionProcessor(model, mr, liver)
+        print_progress(0.0, "warming up")
+        processor.warm_up()
+    service = FusionService(processor, host=args.host, port=args.port, devices=tuple(args.us_device or ()),
+                            connect=connect, max_frames=args.max_frames)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop())
+    try:
+        service.start()
+    except OSError as exc:
+        raise InputError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+    try:
+        service.wait(args.duration)
+    finally:
+        service.close()
+    stats = service.stats()
+    print(f"stopped: {stats['frames_processed']} frames registered, {stats['frames_dropped']} dropped, "
+          f"{stats['errors']} rejected messages")
+    return 0
+
+
 def _demo(args) -> int:
     from MRUSFusionLib.demo import run_demo
 
     model = _load(args)
-    report = run_demo(model, args.out, frames=args.frames)
-    print(f"overlay pictures and report.md in {args.out.resolve()}")
-    for row in report["frames"]:
-        print(f"  frame {row['frame']}: landmark error {row['tre_before_mm']:.1f} -> {row['tre_after_mm']:.1f} mm"
-              f"  {row['overlay']}")
+    report = run_demo(model, args.out, frames=args.frames, rate_hz=args.rate, us_files=args.us, mr_file=args.mr)
+    e2e = report["end_to_end_s"]
+    print(f"{report['frames_completed']}/{report['frames']} frames fused, {report['dropped_frames']} dropped; "
+          f"end to end p50 {e2e['p50'] * 1000:.0f} ms, p95 {e2e['p95'] * 1000:.0f} ms; "
+          f"geometry intact: {report['geometry_intact']}")
+    for row in report["per_frame"]:
+        if "overlay" in row:
+            print(f"  overlay: {(args.out / row['overlay']).resolve()}")
+    print(f"latency report: {(args.out / 'report.md').resolve()} (and report.json)")
+    return 0
+
+
+def _bench_stream(args) -> int:
+    from MRUSFusionLib.stream_benchmark import format_table, run_benchmark
+
+    model = _load(args)
+    report = run_benchmark(model, frames=args.frames, rate_hz=args.rate, sizes=args.sizes)
+    print(format_table(report))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}")
     return 0
 
 

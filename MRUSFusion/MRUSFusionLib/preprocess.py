@@ -77,25 +77,32 @@ def prepare_pair(
     us_vessels: Volume | None = None,
     initial: sitk.Transform | None = None,
     grid: Volume | None = None,
+    fixed: np.ndarray | None = None,
 ) -> FusionPair:
-    """Resample MR (and labels) and US into the fusion grid and normalise intensities."""
+    """Resample MR (and labels) and US into the fusion grid and normalise intensities.
+    `grid` and `fixed` (from `prepare_fixed`) skip the MR's share of the work when the same
+    MR meets many US frames (the streaming service)."""
     mr_labels = {k: v for k, v in {"liver mask": liver, "MR vessel label": mr_vessels}.items() if v is not None}
     us_labels = {"US vessel label": us_vessels} if us_vessels is not None else {}
     check_inputs(mr, us, mr_labels, us_labels)
     grid = grid if grid is not None else fusion_grid(mr, liver)
-    fov_src = us.with_array(np.ones(us.array.shape, np.float32))
-    fov = resample_to_grid(fov_src, grid, transform=initial, interpolator=sitk.sitkNearestNeighbor).array
+    # one resampling gives both the US and its field of view: voxels outside the US grid get
+    # NaN (the same inside test as nearest-neighbour resampling of an all-ones image, at half
+    # the cost); uint8/int16 input is resampled as is, straight to float32
+    us_in_grid = resample_to_grid(us, grid, transform=initial, default_value=np.nan).array
+    fov = np.isfinite(us_in_grid).astype(np.float32)
     if fov.mean() < MIN_OVERLAP:
         raise InputError(
             f"the US volume covers {100 * fov.mean():.1f}% of the 128 mm region around the liver "
             f"(at least {100 * MIN_OVERLAP:.0f}% needed): it does not overlap the MR. "
             "Check its position/orientation or give an initial alignment."
         )
-    mr_in_grid = resample_to_grid(mr.with_array(mr.array.astype(np.float32)), grid).array
-    us_in_grid = resample_to_grid(us.with_array(us.array.astype(np.float32)), grid, transform=initial).array
+    np.nan_to_num(us_in_grid, copy=False, nan=0.0)
+    if fixed is None:
+        fixed = prepare_fixed(mr, grid)
     pair = FusionPair(
         grid=grid.with_array(fov),
-        fixed=normalise(mr_in_grid),
+        fixed=fixed,
         moving=normalise(us_in_grid, mask=fov) * fov,
         fov=fov,
     )
@@ -104,6 +111,11 @@ def prepare_pair(
     if us_vessels is not None:
         pair.moving_label = _label_in_grid(us_vessels, grid, initial, "US vessel label")
     return pair
+
+
+def prepare_fixed(mr: Volume, grid: Volume) -> np.ndarray:
+    """The MR resampled into the fusion grid and normalised: the network's fixed input."""
+    return normalise(resample_to_grid(mr.with_array(mr.array.astype(np.float32)), grid).array)
 
 
 def _label_in_grid(label: Volume, grid: Volume, transform, what: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from deepnav.imaging import Volume, write_volume
 from MRUSFusionLib import fields, losses
@@ -48,12 +49,17 @@ class Registration:
         det = jacobian_determinant(torch.from_numpy(self.disp_ijk)[None])
         return float(100.0 * (det <= 0).float().mean())
 
+    @torch.no_grad()
     def quality(self) -> dict[str, float]:
-        """Similarity before/after (MIND distance, lower is better, in the US field of view) and folding."""
-        fixed = torch.from_numpy(self.pair.fixed)[None, None]
-        fov = torch.from_numpy(self.pair.fov)[None, None]
-        before = float(losses.mind_loss(fixed, torch.from_numpy(self.pair.moving)[None, None], fov))
-        after = float(losses.mind_loss(fixed, torch.from_numpy(self.warped)[None, None], fov))
+        """Similarity before/after (MIND distance at 2 mm, lower is better, in the US field of
+        view) and folding. At 2 mm the pair costs ~0.1 s instead of ~1 s on two CPU cores,
+        cheap enough for every streamed frame."""
+        def half(a: np.ndarray) -> torch.Tensor:
+            return F.avg_pool3d(torch.from_numpy(a)[None, None], 2)
+
+        fixed, fov = half(self.pair.fixed), half(self.pair.fov)
+        before = float(losses.mind_loss(fixed, half(self.pair.moving), fov))
+        after = float(losses.mind_loss(fixed, half(self.warped), fov))
         return {"mind_before": before, "mind_after": after, "folding_percent": self.folding_percent()}
 
     def write(self, out_dir: Path) -> dict[str, Path]:

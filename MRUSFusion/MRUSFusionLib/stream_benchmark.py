@@ -1,0 +1,119 @@
+"""`deepnav fusion bench-stream`: the live path measured, fusion beside the transport alone.
+
+For each volume size (cubic uint8, the probe's region of the synthetic patient resampled to
+N^3) the service runs twice in this process: echoing each volume back (transport alone:
+pack, CRC, loopback both ways, parse) and registering it (the real service). A simulated
+scanner streams frames at a fixed rate over loopback OpenIGTLink. Reported per run:
+end-to-end latency p50/p95 (send to report received), per-stage medians, throughput, dropped
+frames, and resident memory (peak, and its growth over the second half: flat means no
+per-frame leak); a latency trend over the run shows whether a backlog grows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from deepnav.imaging import Volume, resample_to_grid
+from MRUSFusionLib.evaluation import machine_description
+from MRUSFusionLib.model_io import LoadedModel
+from MRUSFusionLib.phantom import make_patient
+from MRUSFusionLib.scanner import latency_summary, stream
+from MRUSFusionLib.service import EchoProcessor, FusionProcessor, FusionService
+
+BENCH_PATIENT_SEED = 42
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+class MemorySampler:
+    """Resident memory of this process every `period_s`, in a thread."""
+
+    def __init__(self, period_s: float = 0.5):
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period_s,), daemon=True)
+
+    def _run(self, period_s: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), _rss_mb()))
+            self._stop.wait(period_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        t, rss = np.array(self.samples).T
+        half = t >= t[0] + (t[-1] - t[0]) / 2
+        slope = float(np.polyfit(t[half] - t[0], rss[half], 1)[0]) if half.sum() > 2 else 0.0
+        return {"peak_mb": float(rss.max()), "start_mb": float(rss[0]), "end_mb": float(rss[-1]),
+                "second_half_growth_mb_per_min": slope * 60.0}
+
+
+def bench_volume(frame: Volume, size: int) -> Volume:
+    """The US frame's region resampled to size^3 voxels (same extent, same axes), uint8."""
+    extent = frame.spacing * (np.array(frame.size_ijk) - 1)
+    spacing = extent / (size - 1)
+    grid = Volume(np.zeros((size,) * 3, np.float32), spacing, frame.origin, frame.direction)
+    values = resample_to_grid(frame.with_array(frame.array.astype(np.float32)), grid).array
+    return grid.with_array(np.clip(np.round(values), 0, 255).astype(np.uint8))
+
+
+def _trend(run) -> dict:
+    """End-to-end latency in the first and last third of the run, and its slope: a growing
+    backlog shows as a positive slope and a last third slower than the first."""
+    done = [f for f in run.completed if f.end_to_end_s is not None]
+    if len(done) < 6:
+        return {}
+    idx = np.array([f.index for f in done], float)
+    e2e = np.array([f.end_to_end_s for f in done])
+    third = len(done) // 3
+    return {"first_third_p50_s": float(np.median(e2e[:third])), "last_third_p50_s": float(np.median(e2e[-third:])),
+            "slope_s_per_100_frames": float(np.polyfit(idx, e2e, 1)[0] * 100)}
+
+
+def run_benchmark(model: LoadedModel, *, frames: int = 300, rate_hz: float = 2.0, sizes=(128, 256),
+                  log=print) -> dict:
+    patient = make_patient(BENCH_PATIENT_SEED, frames=1)
+    runs = []
+    fusion = FusionProcessor(model, patient.mr, patient.liver)
+    fusion.warm_up()
+    for size in sizes:
+        volume = bench_volume(patient.frames[0].image, size)
+        for processor in (EchoProcessor(), fusion):
+            log(f"{size}^3 uint8 ({volume.array.nbytes / 2**20:.0f} MB), {processor.name}: "
+                f"{frames} frames at {rate_hz:g} Hz")
+            with MemorySampler() as memory, FusionService(processor, port=0) as service:
+                run = stream("127.0.0.1", service.port, [volume], count=frames, rate_hz=rate_hz)
+            summary = latency_summary(run)
+            runs.append({"size": size, "megabytes": volume.array.nbytes / 2**20, "mode": processor.name,
+                         **summary, "stage_p50_s": {k: v["p50"] for k, v in summary.pop("stages_s").items()},
+                         "trend": _trend(run), "memory": memory.summary()})
+    return {"frames": frames, "rate_hz": rate_hz, "device": str(model.device), "model": str(model.path),
+            "note": "service and scanner share one process (memory is theirs together); loopback TCP",
+            "runs": runs, "machine": machine_description()}
+
+
+def format_table(report: dict) -> str:
+    head = (f"{'volume':>14s} {'mode':>7s} {'e2e p50':>9s} {'e2e p95':>9s} {'done':>5s} {'dropped':>8s} "
+            f"{'Hz':>5s} {'trend/100':>10s} {'peak MB':>8s} {'MB/min':>7s}")
+    lines = [head]
+    for r in report["runs"]:
+        e2e, trend, mem = r["end_to_end_s"], r["trend"], r["memory"]
+        lines.append(f"{r['size']:>5d}^3 {r['megabytes']:5.0f}MB {r['mode']:>7s} {e2e['p50'] * 1000:7.0f}ms "
+                     f"{e2e['p95'] * 1000:7.0f}ms {r['frames_completed']:5d} {r['dropped_frames']:8d} "
+                     f"{r['throughput_hz']:5.2f} {trend.get('slope_s_per_100_frames', 0.0) * 1000:8.1f}ms "
+                     f"{mem['peak_mb']:8.0f} {mem['second_half_growth_mb_per_min']:7.1f}")
+    lines.append(f"{report['frames']} frames at {report['rate_hz']:g} Hz on {report['device']}; "
+                 "e2e = send to report received; trend = slope of e2e over the run")
+    return "\n".join(lines)
