@@ -79,6 +79,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=2.0, help="scanner frame rate, Hz")
     p.add_argument("--us", type=Path, nargs="+", help="replay these US volumes instead of the synthetic patient")
     p.add_argument("--mr", type=Path, help="MR for --us (default: the first US volume is the reference)")
+    p.add_argument("--liver", type=Path, help="liver mask on the --mr grid (centres the 128 mm region)")
     p.add_argument("--model", type=Path)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
@@ -254,7 +255,8 @@ def _demo(args) -> int:
     from MRUSFusionLib.demo import run_demo
 
     model = _load(args)
-    report = run_demo(model, args.out, frames=args.frames, rate_hz=args.rate, us_files=args.us, mr_file=args.mr)
+    report = run_demo(model, args.out, frames=args.frames, rate_hz=args.rate, us_files=args.us, mr_file=args.mr,
+                      liver_file=args.liver)
     e2e = report["end_to_end_s"]
     print(f"{report['frames_completed']}/{report['frames']} frames fused, {report['dropped_frames']} dropped; "
           f"end to end p50 {e2e['p50'] * 1000:.0f} ms, p95 {e2e['p95'] * 1000:.0f} ms; "

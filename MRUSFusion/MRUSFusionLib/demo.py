@@ -33,8 +33,8 @@ BREATHING_FRAMES = 8  # half a breathing cycle; the scanner plays it forth and b
 
 def run_demo(model: LoadedModel, out_dir: Path, *, frames: int = 24, rate_hz: float = 2.0,
              seed: int = DEMO_PATIENT_SEED, us_files: list[Path] | None = None, mr_file: Path | None = None,
-             pictures: int = 3, progress: ProgressCallback = print_progress) -> dict:
-    source = _load_source(seed, us_files, mr_file, progress)
+             liver_file: Path | None = None, pictures: int = 3, progress: ProgressCallback = print_progress) -> dict:
+    source = _load_source(seed, us_files, mr_file, liver_file, progress)
     volumes = source["volumes"]
     order = _ping_pong(len(volumes))
     keep = set(np.linspace(0, frames - 1, min(pictures, frames)).round().astype(int).tolist())
@@ -74,13 +74,14 @@ def run_demo(model: LoadedModel, out_dir: Path, *, frames: int = 24, rate_hz: fl
     return report
 
 
-def _load_source(seed: int, us_files, mr_file, progress) -> dict:
+def _load_source(seed: int, us_files, mr_file, liver_file, progress) -> dict:
     if us_files:
         volumes = [read_volume(p, what="US volume") for p in us_files]
         mr = read_volume(mr_file, what="MR") if mr_file else volumes[0]
+        liver = read_volume(liver_file, what="liver mask") if liver_file else None
         description = (f"US files {[Path(p).name for p in us_files]} against "
                        + (Path(mr_file).name if mr_file else "the first US volume (no MR given)"))
-        return {"volumes": volumes, "mr": mr, "liver": None, "truth": None, "description": description}
+        return {"volumes": volumes, "mr": mr, "liver": liver, "truth": None, "description": description}
     progress(0.0, f"generating synthetic patient {seed} with {BREATHING_FRAMES} US frames")
     patient = make_patient(seed, frames=BREATHING_FRAMES)
     return {"volumes": [f.image for f in patient.frames], "mr": patient.mr, "liver": patient.liver,

@@ -93,7 +93,8 @@ def prepare_pair(
     fov = np.isfinite(us_in_grid).astype(np.float32)
     if fov.mean() < MIN_OVERLAP:
         raise InputError(
-            f"the US volume covers {100 * fov.mean():.1f}% of the 128 mm region around the liver "
+            f"the US volume covers {100 * fov.mean():.1f}% of the 128 mm registration region "
+            "(centred on the liver mask, or the MR without one) "
             f"(at least {100 * MIN_OVERLAP:.0f}% needed): it does not overlap the MR. "
             "Check its position/orientation or give an initial alignment."
         )
