@@ -6,6 +6,7 @@ import zipfile
 import pytest
 import torch
 
+from deepnav import model_files
 from deepnav.errors import InputError
 from MRUSFusionLib import model_io
 from MRUSFusionLib.networks import Cascade
@@ -64,13 +65,13 @@ def test_foreign_and_wrong_version_files_are_refused(tmp_path, model_and_input):
     future = tmp_path / "future.pt"
     model_io.save_torchscript(model_and_input[0], future)
     with zipfile.ZipFile(future) as z:
-        names = [n for n in z.namelist() if n.endswith(model_io.METADATA_NAME)]
+        names = [n for n in z.namelist() if n.endswith(model_files.METADATA_NAME)]
         record = json.loads(z.read(names[0]))
     record["version"] = 99
-    torch.jit.save(torch.jit.load(str(future)), str(future), _extra_files={model_io.METADATA_NAME: json.dumps(record)})
+    torch.jit.save(torch.jit.load(str(future)), str(future), _extra_files={model_files.METADATA_NAME: json.dumps(record)})
     with pytest.raises(InputError, match="version 99"):
         model_io.load_model(future)
     record["format"] = "deepnav.liver.unet"
-    torch.jit.save(torch.jit.load(str(future)), str(future), _extra_files={model_io.METADATA_NAME: json.dumps(record)})
-    with pytest.raises(InputError, match="not an MR-US fusion cascade"):
+    torch.jit.save(torch.jit.load(str(future)), str(future), _extra_files={model_files.METADATA_NAME: json.dumps(record)})
+    with pytest.raises(InputError, match="not a MR-US fusion cascade model"):
         model_io.load_model(future)
