@@ -20,7 +20,7 @@ def _module_path() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    for module in ("MRUSFusion",):
+    for module in ("MRUSFusion", "FetalBiometry"):
         path = str(root / module)
         if (root / module).is_dir() and path not in sys.path:
             sys.path.insert(0, path)
@@ -28,12 +28,15 @@ def _module_path() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     _module_path()
+    from FetalBiometryLib import cli as fetal_cli
+
     from MRUSFusionLib import cli as fusion_cli
 
     parser = argparse.ArgumentParser(prog="deepnav", description="DeepNav: image-guided intervention tools.")
     parser.add_argument("--version", action="version", version=f"deepnav {__version__}")
     modules = parser.add_subparsers(dest="module", required=True)
     fusion_cli.add_commands(modules.add_parser("fusion", help="MR / 3D-ultrasound fusion (MRUSFusion)"))
+    fetal_cli.add_commands(modules.add_parser("fetal", help="fetal head biometry from 2D ultrasound (FetalBiometry)"))
     return parser
 
 

@@ -109,15 +109,20 @@ class Volume:
         )
 
 
-def read_volume(path: str | Path, *, what: str = "image") -> Volume:
-    """Read a 3D scalar image (NRRD, NIfTI, MHA, ...) in LPS; clear errors for bad files."""
+def read_sitk(path: str | Path, *, what: str = "image") -> sitk.Image:
+    """Any image file SimpleITK reads; InputError (one clear line) for a missing or unreadable one."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
     try:
-        image = sitk.ReadImage(str(path))
+        return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(f"cannot read {what} {path}: {str(exc).strip().splitlines()[-1]}") from exc
+        raise InputError(f"cannot read {what} {path}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def read_volume(path: str | Path, *, what: str = "image") -> Volume:
+    """Read a 3D scalar image (NRRD, NIfTI, MHA, ...) in LPS; clear errors for bad files."""
+    image = read_sitk(path, what=what)
     try:
         return Volume.from_sitk(image)
     except InputError as exc:

@@ -1,0 +1,63 @@
+"""Head segmentation of one image with the trained network: four corner crops, one batch,
+fused back into the original frame as a probability map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepnav import model_files
+from deepnav.torch_runtime import pick_device
+from FetalBiometryLib import crops
+from FetalBiometryLib.network import HeadNet
+
+MODEL_FORMAT = "deepnav.fetalbiometry.headnet"
+MODEL_VERSION = 1
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "fetalbiometry_default.pt"
+
+
+def normalise(pixels: np.ndarray) -> np.ndarray:
+    """Grey levels to [0, 1]: 8-bit images by 255 (as trained), deeper ones by their 99.9th
+    percentile, so a 16-bit export looks like the 8-bit frame it came from."""
+    pixels = np.asarray(pixels, dtype=np.float32)
+    top = 255.0 if pixels.max() <= 255.0 else float(np.percentile(pixels, 99.9))
+    return np.clip(pixels / max(top, 1e-6), 0.0, 1.0)
+
+
+def record(width: int, extra: dict | None = None) -> dict:
+    return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "width": width, "canvas_hw": list(crops.CANVAS_HW),
+            "crop_fraction": crops.Q, **(extra or {})}
+
+
+class HeadSegmenter:
+    def __init__(self, module, metadata: dict, device: torch.device, path: Path | None = None):
+        self.module, self.metadata, self.device, self.path = module, metadata, device, path
+        self.canvas_hw = tuple(metadata.get("canvas_hw", crops.CANVAS_HW))
+        self.q = float(metadata.get("crop_fraction", crops.Q))
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto") -> HeadSegmenter:
+        path = Path(path) if path is not None else SHIPPED_MODEL
+        dev = pick_device(device)
+        module, metadata = model_files.load_archive(path, dev, MODEL_FORMAT, MODEL_VERSION, "fetal head segmentation")
+        return cls(module, metadata, dev, path)
+
+    @classmethod
+    def from_module(cls, module: HeadNet, device: torch.device | str = "cpu") -> HeadSegmenter:
+        """An in-training network (validation uses the same path as inference)."""
+        return cls(module, record(0), torch.device(device))
+
+    @torch.no_grad()
+    def probability(self, pixels: np.ndarray) -> np.ndarray:
+        """(rows, cols) grey image -> head probability on the same pixel grid, float32."""
+        layout = crops.layout_for(pixels.shape, self.canvas_hw, self.q)
+        image = torch.from_numpy(normalise(pixels))[None, None]
+        batch = crops.crops_of(crops.to_working(image, layout), layout, self.canvas_hw)
+        logits = self.module(batch.to(self.device)).float().cpu()
+        return crops.to_original(crops.fuse(torch.sigmoid(logits), layout), layout)
+
+
+def save(model: HeadNet, path: Path, extra: dict | None = None) -> Path:
+    return model_files.save_torchscript(model, path, record(model.width, extra))

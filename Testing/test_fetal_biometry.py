@@ -1,0 +1,219 @@
+"""FetalBiometry: ellipse geometry, crops and fusion, measurement, de-identification, image IO,
+scoring and training, on synthetic images made here (HC18 itself is for benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from FetalBiometryLib import crops
+from FetalBiometryLib.deidentify import deidentify
+from FetalBiometryLib.ellipse import Ellipse, fit_ellipse
+from FetalBiometryLib.evaluation import score_case
+from FetalBiometryLib.hc18 import find_cases, reference_ellipse, split_by_subject
+from FetalBiometryLib.image_io import check_pixel_size, read_image_2d
+from FetalBiometryLib.measure import measure
+from FetalBiometryLib.pipeline import measure_image
+from scipy import integrate, ndimage
+
+from deepnav.errors import InputError
+
+HEAD = Ellipse(400.0, 260.0, 180.0, 140.0, 0.4)
+
+
+def soft_probability(ellipse: Ellipse, shape, edge_px: float = 1.5) -> np.ndarray:
+    """A smooth probability that is 0.5 exactly on the ellipse (signed distance, logistic)."""
+    y, x = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    c, s = math.cos(ellipse.angle), math.sin(ellipse.angle)
+    u, v = (x - ellipse.cx) * c + (y - ellipse.cy) * s, -(x - ellipse.cx) * s + (y - ellipse.cy) * c
+    r = np.sqrt((u / ellipse.a) ** 2 + (v / ellipse.b) ** 2)
+    approx_distance = (1 - r) * min(ellipse.a, ellipse.b)
+    return (1 / (1 + np.exp(-approx_distance / edge_px))).astype(np.float32)
+
+
+def test_ramanujan_perimeter_matches_the_integral():
+    e = Ellipse(0, 0, 100.0, 60.0, 0.0)
+    exact = integrate.quad(lambda t: math.hypot(e.a * math.sin(t), e.b * math.cos(t)), 0, 2 * math.pi)[0]
+    assert e.perimeter() == pytest.approx(exact, rel=1e-8)
+    assert Ellipse(0, 0, 5, 5, 0).perimeter() == pytest.approx(2 * math.pi * 5)
+
+
+def test_fit_recovers_a_noisy_ellipse():
+    points = HEAD.outline(400) + np.random.default_rng(0).normal(0, 0.5, (400, 2))
+    fit = fit_ellipse(points)
+    assert (fit.cx, fit.cy, fit.a, fit.b) == pytest.approx((HEAD.cx, HEAD.cy, HEAD.a, HEAD.b), abs=0.3)
+    assert fit.angle == pytest.approx(HEAD.angle, abs=0.01)
+    assert fit.filled((520, 800)).sum() == pytest.approx(math.pi * HEAD.a * HEAD.b, rel=0.01)
+    assert fit_ellipse(np.zeros((3, 2))) is None
+
+
+def test_crop_layout_keeps_the_aspect_ratio_and_covers_the_image():
+    layout = crops.layout_for((540, 800))
+    assert layout.work_hw[0] / layout.work_hw[1] == pytest.approx(540 / 800, abs=0.01)
+    assert layout.crop_hw[0] <= crops.CANVAS_HW[0] and layout.crop_hw[1] <= crops.CANVAS_HW[1]
+    work = torch.rand(1, 1, *layout.work_hw)
+    batch = crops.crops_of(work, layout)
+    assert batch.shape == (4, 1, *crops.CANVAS_HW)
+    # every pixel is seen by at least one crop, and fusing the crops gives the image back
+    torch.testing.assert_close(crops.fuse(batch, layout), work[0, 0])
+
+
+def test_fused_map_returns_to_the_original_grid_without_shift():
+    """A probability computed at working resolution and brought back lands where it was."""
+    shape = (540, 800)
+    layout = crops.layout_for(shape)
+    prob = torch.from_numpy(soft_probability(HEAD, shape, edge_px=4))[None, None]
+    back = crops.to_original(crops.to_working(prob, layout)[0, 0], layout)
+    m = measure(back, 0.1)
+    assert (m.ellipse_px.cx, m.ellipse_px.cy) == pytest.approx((HEAD.cx, HEAD.cy), abs=0.3)
+    assert m.hc_mm == pytest.approx(HEAD.perimeter() * 0.1, rel=0.003)
+
+
+def test_measurement_of_a_known_head():
+    pixel_mm = 0.12
+    m = measure(soft_probability(HEAD, (540, 800)), pixel_mm)
+    assert m.hc_mm == pytest.approx(HEAD.perimeter() * pixel_mm, rel=0.002)
+    assert (m.ofd_mm, m.bpd_mm) == pytest.approx((2 * HEAD.a * pixel_mm, 2 * HEAD.b * pixel_mm), rel=0.005)
+    assert m.contour_length_mm == pytest.approx(m.hc_mm, rel=0.01)
+    # the spec's pixel count over-estimates a smooth perimeter (4/pi for a 4-connected chain)
+    assert 1.15 < m.pixel_count_hc_mm / m.hc_mm < 1.35
+    assert m.confident and not m.flags
+
+
+def test_head_cut_by_the_border_is_flagged_and_nothing_is_made_up():
+    cut = Ellipse(120.0, 260.0, 180.0, 140.0, 0.0)
+    m = measure(soft_probability(cut, (540, 800)), 0.1)
+    assert any("border" in f for f in m.flags) and not m.confident
+    empty = measure(np.zeros((540, 800), np.float32), 0.1)
+    assert empty.hc_mm is None and "no fetal head" in empty.reason
+
+
+def test_burned_in_text_is_removed_and_the_skull_kept():
+    rng = np.random.default_rng(1)
+    image = rng.uniform(40, 90, (540, 800)).astype(np.float32)
+    image[:40] = 0  # the dark margin scanners write on
+    skull = ndimage.binary_dilation(HEAD.filled((540, 800))) & ~ndimage.binary_erosion(HEAD.filled((540, 800)), iterations=4)
+    image[skull] = 230
+    text = np.zeros_like(image, bool)
+    for k in range(12):  # a line of glyphs: "DOE^JANE 1984"
+        text[10:22, 30 + 14 * k:38 + 14 * k] = True
+    image[text] = 250
+    cut = Ellipse(30.0, 300.0, 60.0, 40.0, 0.0)  # a bright structure reaching in from the left border
+    ring = ndimage.binary_dilation(cut.filled((540, 800))) & ~cut.filled((540, 800))
+    image[ring] = 240
+    clean, blanked = deidentify(image)
+    assert np.all(clean[text] == 0) and blanked >= text.sum()
+    np.testing.assert_array_equal(clean[skull], image[skull])
+    np.testing.assert_array_equal(clean[ring], image[ring])
+
+
+def test_image_reading(tmp_path):
+    grey = (np.random.default_rng(2).uniform(0, 255, (60, 80))).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey] * 3, -1), isVector=True), str(tmp_path / "grey_rgb.png"))
+    read = read_image_2d(tmp_path / "grey_rgb.png")
+    np.testing.assert_array_equal(read.pixels, grey) and not read.notes
+    colour = np.stack([grey, grey // 2, grey // 3], -1).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(tmp_path / "colour.png"))
+    assert "luminance" in read_image_2d(tmp_path / "colour.png").notes[0]
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey] * 4)), str(tmp_path / "cine.nrrd"))
+    with pytest.raises(InputError, match="4 frames"):
+        read_image_2d(tmp_path / "cine.nrrd")
+    (tmp_path / "not_an_image.png").write_text("hello")
+    with pytest.raises(InputError, match="cannot read"):
+        read_image_2d(tmp_path / "not_an_image.png")
+    for bad in (None, 0.0, -0.1, 5.0, float("nan")):
+        with pytest.raises(InputError):
+            check_pixel_size(bad, "x.png")
+    assert check_pixel_size(0.1, "x.png") == 0.1
+
+
+def test_dicom_pixel_spacing_is_read(tmp_path):
+    image = sitk.GetImageFromArray((np.random.default_rng(3).uniform(0, 255, (64, 96))).astype(np.uint8))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    image.SetMetaData("0028|0030", "0.137\\0.137")
+    image.SetMetaData("0008|0060", "US")
+    writer.SetFileName(str(tmp_path / "frame.dcm"))
+    writer.Execute(image)
+    assert read_image_2d(tmp_path / "frame.dcm").pixel_mm == pytest.approx(0.137)
+
+
+class OracleSegmenter:
+    """Returns a given probability map: isolates the scoring from the network."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, probability):
+        self.probability_map = probability
+
+    def probability(self, pixels):
+        return self.probability_map
+
+
+def write_hc18_like(folder, n: int, rng) -> dict[str, Ellipse]:
+    """n synthetic HC18-style images: a bright ring on speckle, its outline annotation, a CSV."""
+    (folder / "training_set").mkdir(parents=True)
+    rows, truths = ["filename,pixel size(mm),head circumference (mm)"], {}
+    for k in range(n):
+        e = Ellipse(rng.uniform(300, 500), rng.uniform(220, 320), rng.uniform(120, 190), rng.uniform(90, 120),
+                    rng.uniform(0, math.pi))
+        filled = e.filled((540, 800))
+        image = rng.uniform(20, 70, (540, 800))
+        image[filled] = rng.uniform(50, 110, int(filled.sum()))
+        image[ndimage.binary_dilation(filled, iterations=5) & ~filled] = 220
+        outline = filled & ~ndimage.binary_erosion(filled)
+        name = f"{k // 2:03d}_{'2' if k % 2 else ''}HC.png"
+        sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.uint8)), str(folder / "training_set" / name))
+        sitk.WriteImage(sitk.GetImageFromArray((outline * 255).astype(np.uint8)),
+                        str(folder / "training_set" / name.replace(".png", "_Annotation.png")))
+        pixel = rng.uniform(0.08, 0.2)
+        rows.append(f"{name},{pixel},{e.perimeter() * pixel:.2f}")
+        truths[name] = e
+    (folder / "training_set_pixel_size_and_HC.csv").write_text("\n".join(rows) + "\n")
+    return truths
+
+
+def test_hc18_reading_split_and_scoring(tmp_path):
+    truths = write_hc18_like(tmp_path, 8, np.random.default_rng(4))
+    cases = find_cases(tmp_path)
+    assert len(cases) == 8
+    train, val = split_by_subject(cases, 0.25, seed=0)
+    assert not {c.subject for c in train} & {c.subject for c in val} and len(val) == 2
+    ref = reference_ellipse(cases[0].annotation)
+    assert ref.perimeter() * cases[0].pixel_mm == pytest.approx(cases[0].hc_mm, abs=0.5)
+    row = score_case(OracleSegmenter(soft_probability(truths[cases[0].image.name], (540, 800))), cases[0])
+    assert abs(row["hc_diff_mm"]) < 0.5 and row["dice"] > 0.99 and row["hausdorff_mm"] < 0.3
+    assert row["pixel_count_hc_diff_mm"] > 0.1 * row["hc_ref_mm"]  # the spec's method over-estimates
+
+
+def test_blank_and_broken_images_are_not_measured():
+    segmenter = OracleSegmenter(np.zeros((540, 800), np.float32))
+    with pytest.raises(InputError, match="blank"):
+        measure_image(segmenter, np.full((540, 800), 17.0, np.float32), 0.1)
+    with pytest.raises(InputError, match="NaN"):
+        measure_image(segmenter, np.full((540, 800), np.nan, np.float32), 0.1)
+    noise = np.random.default_rng(5).uniform(0, 255, (540, 800)).astype(np.float32)
+    assert measure_image(segmenter, noise, 0.1).measurement.hc_mm is None
+
+
+def test_training_runs_resumes_and_records_its_split(tmp_path):
+    from FetalBiometryLib.segment import HeadSegmenter
+    from FetalBiometryLib.training import TrainConfig, train
+
+    write_hc18_like(tmp_path / "data", 6, np.random.default_rng(6))
+    cases = find_cases(tmp_path / "data")
+    train_cases, val_cases = split_by_subject(cases, 0.34, seed=0)
+    config = TrainConfig(epochs=1, batch=2, width=4)
+    train(train_cases, val_cases, tmp_path / "run", config, progress=lambda *a: None)
+    config.epochs = 2
+    _, info = train(train_cases, val_cases, tmp_path / "run", config, resume=True, progress=lambda *a: None,
+                    metadata={"split": {"validation_subjects": sorted({c.subject for c in val_cases})}})
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    loaded = HeadSegmenter.load(info["model"], "cpu")
+    assert loaded.metadata["split"]["validation_subjects"] and loaded.metadata["config"]["width"] == 4
+    assert loaded.probability(np.zeros((540, 800), np.float32)).shape == (540, 800)

@@ -1,0 +1,72 @@
+"""The shipped head model on the three bundled HC18 images (fetuses held out from its training):
+`deepnav fetal measure` end to end, with the JSON the issue specifies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ROOT
+from deepnav.cli import main
+
+SAMPLES = ROOT / "FetalBiometry" / "Resources" / "Samples"
+CSV = SAMPLES / "samples_pixel_size_and_HC.csv"
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fetal")
+    images = sorted(SAMPLES.glob("*_HC.png"))
+    code = main(["fetal", "measure", *map(str, images), "--pixel-size-csv", str(CSV), "--json", str(out / "m.json"),
+                 "--overlay", str(out / "overlays"), "--device", "cpu"])
+    assert code == 0
+    return json.loads((out / "m.json").read_text()), out
+
+
+def reference() -> dict[str, float]:
+    rows = [line.split(",") for line in CSV.read_text().splitlines()[1:]]
+    return {r[0]: float(r[2]) for r in rows}
+
+
+def test_head_circumference_of_unseen_fetuses(measured):
+    report, _ = measured
+    ref = reference()
+    assert {r["file"] for r in report["images"]} == set(ref)
+    for row in report["images"]:
+        # small (68 mm), middle (170 mm) and large (300 mm) heads, within 3% of the sonographer's ellipse
+        assert row["hc_mm"] == pytest.approx(ref[row["file"]], rel=0.03), row
+        assert row["bpd_mm"] < row["ofd_mm"]
+        assert row["contour_length_mm"] == pytest.approx(row["hc_mm"], rel=0.05)
+
+
+def test_json_carries_the_ellipse_in_pixels_and_mm(measured):
+    report, _ = measured
+    row = report["images"][0]
+    assert set(row["ellipse_px"]) == {"cx", "cy", "a", "b", "angle_rad"}
+    assert row["ellipse_px"]["a"] >= row["ellipse_px"]["b"]
+    assert row["ellipse_mm"]["a"] == pytest.approx(row["ellipse_px"]["a"] * row["pixel_mm"])
+    assert 0 < row["runtime_s"]
+
+
+def test_overlays_are_written(measured):
+    report, out = measured
+    picture = sitk.ReadImage(report["images"][0]["overlay"])
+    assert picture.GetNumberOfComponentsPerPixel() == 3 and picture.GetSize() == (800, 540)
+
+
+def test_unmeasurable_inputs_say_why(tmp_path):
+    blank = tmp_path / "blank.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((540, 800), 12, np.uint8)), str(blank))
+    noise = tmp_path / "noise.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 40, (540, 800), dtype=np.uint8)),
+                    str(noise))
+    code = main(["fetal", "measure", str(blank), str(noise), str(SAMPLES / "279_HC.png"), "--json", str(tmp_path / "m.json"),
+                 "--device", "cpu"])
+    assert code == 0
+    rows = {r["file"]: r for r in json.loads((tmp_path / "m.json").read_text())["images"]}
+    assert rows["blank.png"]["hc_mm"] is None and "blank" in rows["blank.png"]["reason"]
+    assert rows["noise.png"]["hc_mm"] is None and rows["noise.png"]["reason"]
+    assert rows["279_HC.png"]["hc_mm"] is None and "pixel size" in rows["279_HC.png"]["reason"]
