@@ -1,0 +1,123 @@
+"""The one adapter between Slicer's MRML nodes and the Libs' arrays, shared by the modules.
+
+Only the Slicer modules (`X/X.py`) and the adapter tests import this file; the Libs never do.
+It needs Slicer's MRML classes: inside Slicer, or headless from the `slicer-core` wheel (which
+has no `slicer.mrmlScene` global: every function takes the scene it works in).
+
+Geometry: a volume node holds its IJK-to-RAS matrix; `Volume` holds LPS. RAS = diag(-1, -1, 1) LPS.
+`arrayFromVolume` is a (k, j, i) view owned by VTK: it is copied before any long work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+
+from deepnav.errors import InputError
+from deepnav.imaging import LPS_TO_RAS, Volume
+
+
+def _matrix(vtk_matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _vtk_matrix(matrix: np.ndarray) -> vtk.vtkMatrix4x4:
+    out = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            out.SetElement(r, c, float(matrix[r, c]))
+    return out
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return _matrix(m)
+
+
+def volume_from_node(node) -> Volume:
+    """A scalar volume node as a Volume (a copy, LPS geometry)."""
+    if node is None or node.GetImageData() is None:
+        raise InputError("no image in the selected volume")
+    lps = LPS_TO_RAS @ ijk_to_ras(node)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    return Volume(np.array(slicer.util.arrayFromVolume(node)), spacing, lps[:3, 3], lps[:3, :3] / spacing)
+
+
+def update_node_from_volume(node, volume: Volume) -> None:
+    """Put a Volume's voxels and geometry into a scalar volume node (deep copy)."""
+    slicer.util.updateVolumeFromArray(node, volume.array)
+    node.SetIJKToRASMatrix(_vtk_matrix(volume.ijk_to_ras()))
+
+
+def image2d_from_node(node) -> tuple[np.ndarray, float, np.ndarray]:
+    """A single-slice volume node as (pixels (rows, cols) float32, in-plane pixel size mm,
+    IJK-to-RAS 4x4). Rows run along j, columns along i, as in the image file."""
+    if node is None or node.GetImageData() is None:
+        raise InputError("no image in the selected volume")
+    array = slicer.util.arrayFromVolume(node)
+    if array.ndim == 4:
+        raise InputError(f"{node.GetName()} is a vector (colour) volume: convert it to a scalar volume first")
+    if array.shape[0] != 1:
+        raise InputError(f"{node.GetName()} has {array.shape[0]} slices: a 2D image (one slice) is needed")
+    spacing = node.GetSpacing()
+    if abs(spacing[0] - spacing[1]) > 1e-6 * max(spacing[:2]):
+        raise InputError(f"{node.GetName()} has non-square pixels ({spacing[0]} x {spacing[1]} mm)")
+    return np.array(array[0], dtype=np.float32), float(spacing[0]), ijk_to_ras(node)
+
+
+def pixels_to_ras(points_xy: np.ndarray, matrix_ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Pixel coordinates (N, 2) (x = column = i, y = row = j, on slice k = 0) to RAS points (N, 3)."""
+    points_xy = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    ijk1 = np.c_[points_xy, np.zeros(len(points_xy)), np.ones(len(points_xy))]
+    return (ijk1 @ matrix_ijk_to_ras.T)[:, :3]
+
+
+def _node(scene, class_name: str, name: str):
+    """The scene's node of this class and name (reused so that reruns update in place), or a new one."""
+    nodes = scene.GetNodesByClassByName(class_name, name)
+    node = nodes.GetItemAsObject(0) if nodes.GetNumberOfItems() else None
+    return node if node is not None else scene.AddNewNodeByClass(class_name, name)
+
+
+def closed_curve(scene, name: str, points_ras: np.ndarray):
+    node = _node(scene, "vtkMRMLMarkupsClosedCurveNode", name)
+    slicer.util.updateMarkupsControlPointsFromArray(node, np.asarray(points_ras, dtype=np.float64))
+    return node
+
+
+def line(scene, name: str, start_ras, end_ras):
+    node = _node(scene, "vtkMRMLMarkupsLineNode", name)
+    slicer.util.updateMarkupsControlPointsFromArray(node, np.array([start_ras, end_ras], dtype=np.float64))
+    return node
+
+
+def labelmap(scene, name: str, mask: np.ndarray, matrix_ijk_to_ras: np.ndarray):
+    """A label map node (1 inside `mask`) on the grid given by `matrix_ijk_to_ras`; a 2D mask
+    becomes one slice."""
+    node = _node(scene, "vtkMRMLLabelMapVolumeNode", name)
+    array = np.asarray(mask, dtype=np.uint8)
+    slicer.util.updateVolumeFromArray(node, array[None] if array.ndim == 2 else array)
+    node.SetIJKToRASMatrix(_vtk_matrix(matrix_ijk_to_ras))
+    return node
+
+
+def table(scene, name: str, rows: list[dict], columns: list[str]):
+    """A table node with one row per dict (missing values empty), text or numbers per column."""
+    node = _node(scene, "vtkMRMLTableNode", name)
+    node.RemoveAllColumns()
+    data = node.GetTable()
+    for column in columns:
+        values = [r.get(column) for r in rows]
+        numeric = all(isinstance(v, (int, float)) or v is None for v in values)
+        array = vtk.vtkDoubleArray() if numeric else vtk.vtkStringArray()
+        array.SetName(column)
+        for v in values:
+            if numeric:
+                array.InsertNextValue(float("nan") if v is None else float(v))
+            else:
+                array.InsertNextValue("" if v is None else str(v))
+        data.AddColumn(array)
+    node.Modified()
+    return node
