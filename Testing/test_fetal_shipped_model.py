@@ -70,3 +70,18 @@ def test_unmeasurable_inputs_say_why(tmp_path):
     assert rows["blank.png"]["hc_mm"] is None and "blank" in rows["blank.png"]["reason"]
     assert rows["noise.png"]["hc_mm"] is None and rows["noise.png"]["reason"]
     assert rows["279_HC.png"]["hc_mm"] is None and "pixel size" in rows["279_HC.png"]["reason"]
+
+
+def test_non_ultrasound_images_are_refused(tmp_path):
+    """A CT-like slice (bright ring of bone around soft tissue) and a gradient: no head number."""
+    y, x = np.mgrid[0:540, 0:800]
+    r = np.hypot((x - 400) / 300, (y - 270) / 220)
+    ct = np.where(r < 0.9, 110, 0) + np.where(np.abs(r - 0.9) < 0.03, 140, 0) + 20 * np.sin(x / 7.0)
+    paths = []
+    for name, array in (("ct.png", ct), ("gradient.png", np.tile(np.linspace(0, 255, 800), (540, 1)))):
+        paths.append(tmp_path / name)
+        sitk.WriteImage(sitk.GetImageFromArray(np.clip(array, 0, 255).astype(np.uint8)), str(paths[-1]))
+    assert main(["fetal", "measure", *map(str, paths), "--pixel-size", "0.1", "--json", str(tmp_path / "m.json"),
+                 "--device", "cpu"]) == 0
+    for row in json.loads((tmp_path / "m.json").read_text())["images"]:
+        assert row["hc_mm"] is None or not row["confident"], row
