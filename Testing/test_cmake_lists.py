@@ -32,3 +32,12 @@ def test_module_python_scripts_match_the_files(module):
     present = {str(p.relative_to(module)) for p in module.rglob("*.py")}
     assert present - listed == set(), "files missing from MODULE_PYTHON_SCRIPTS"
     assert listed - present == set(), "listed files that do not exist"
+
+
+def test_shared_package_is_listed_for_the_extension():
+    """`deepnav/` is installed by the top-level CMakeLists.txt; an unlisted file would be missing in Slicer."""
+    block = re.search(r"set\(DEEPNAV_PYTHON_SCRIPTS(.*?)\)", (ROOT / "CMakeLists.txt").read_text(), re.S)
+    assert block, "the top-level CMakeLists.txt does not install the deepnav package"
+    listed = {t for t in block.group(1).split() if t.endswith(".py")}
+    present = {str(p.relative_to(ROOT)) for p in (ROOT / "deepnav").glob("*.py")}
+    assert listed == present
