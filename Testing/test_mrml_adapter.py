@@ -105,3 +105,82 @@ def test_labelmap_and_table():
     assert data.GetNumberOfRows() == 2 and data.GetColumnByName("file").GetValue(1) == "b.png"
     assert data.GetColumnByName("hc_mm").GetValue(0) == pytest.approx(170.5)
     assert np.isnan(data.GetColumnByName("hc_mm").GetValue(1))
+
+
+def smooth_field(grid_volume, amplitude=3.0, seed=0) -> sitk.Image:
+    """A smooth LPS displacement field (mm) on an oblique, anisotropic grid."""
+    rng = np.random.default_rng(seed)
+    shape = grid_volume.array.shape
+    components = [amplitude * (smooth_image(shape, seed=seed + c) - 0.5) for c in range(3)]
+    field = sitk.GetImageFromArray(np.stack(components, -1).astype(np.float64) + rng.normal(0, 0.01, (*shape, 3)),
+                                   isVector=True)
+    field.SetSpacing(grid_volume.spacing.tolist())
+    field.SetOrigin(grid_volume.origin.tolist())
+    field.SetDirection(grid_volume.direction.ravel().tolist())
+    return field
+
+
+def inside_points(grid_volume, n=20, seed=1) -> np.ndarray:
+    ijk = np.random.default_rng(seed).uniform(2, np.array(grid_volume.size_ijk) - 3, (n, 3))
+    return grid_volume.index_to_lps(ijk)
+
+
+def test_grid_transform_moves_points_as_simpleitk_does(tmp_path):
+    grid_volume = oblique_volume(np.zeros((18, 20, 22), np.float32), spacing=(2.0, 2.5, 3.0))
+    field = smooth_field(grid_volume)
+    points_lps = inside_points(grid_volume)
+    itk = sitk.DisplacementFieldTransform(sitk.Image(field))
+    expected_lps = np.array([itk.TransformPoint(p.tolist()) for p in points_lps])
+    flip = np.array([-1.0, -1.0, 1.0])
+
+    scene = slicer.vtkMRMLScene()
+    node = mrml.grid_transform_from_field(scene, "deformation", field)
+    from_parent = node.GetTransformFromParent()
+    moved = np.array([from_parent.TransformPoint((p * flip).tolist()) for p in points_lps]) * flip
+    np.testing.assert_allclose(moved, expected_lps, atol=1e-4)
+
+    # the same field written as a file and read by Slicer's own transform reader moves them alike
+    path = tmp_path / "field.nrrd"
+    sitk.WriteImage(field, str(path))
+    loaded = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "from file")
+    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    storage.SetFileName(str(path))
+    loaded.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(loaded)
+    grid = loaded.GetTransformFromParent()
+    # Slicer interpolates grids read from files cubically; SimpleITK linearly: the same field, told
+    # to interpolate alike, moves the points alike
+    cubic = np.array([grid.TransformPoint((p * flip).tolist()) for p in points_lps]) * flip
+    np.testing.assert_allclose(cubic, expected_lps, atol=0.2)
+    grid.SetInterpolationModeToLinear()
+    linear = np.array([grid.TransformPoint((p * flip).tolist()) for p in points_lps]) * flip
+    np.testing.assert_allclose(linear, expected_lps, atol=1e-4)
+
+
+def test_linear_transform_and_markups_in_world_lps():
+    scene = slicer.vtkMRMLScene()
+    to_parent = np.eye(4)
+    to_parent[:3, 3] = [10.0, -4.0, 2.5]
+    transform = mrml.linear_transform(scene, "rigid", to_parent)
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "US fiducials")
+    slicer.util.updateMarkupsControlPointsFromArray(points, np.array([[1.0, 2.0, 3.0], [-5.0, 0.5, 8.0]]))
+    np.testing.assert_allclose(mrml.points_from_markups(points), [[-1.0, -2.0, 3.0], [5.0, -0.5, 8.0]])
+    points.SetAndObserveTransformNodeID(transform.GetID())  # world positions follow the transform
+    np.testing.assert_allclose(mrml.points_from_markups(points), [[-11.0, 2.0, 5.5], [-5.0, 3.5, 10.5]])
+    with pytest.raises(InputError, match="no points"):
+        mrml.points_from_markups(scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode"))
+
+
+def test_segmentation_to_labelmap_on_the_reference_grid():
+    volume = oblique_volume(smooth_image((10, 12, 14)), spacing=(0.9, 1.2, 2.0))
+    scene = slicer.vtkMRMLScene()
+    reference = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MR")
+    mrml.update_node_from_volume(reference, volume)
+    label = (volume.array > 0.6).astype(np.uint8)
+    label_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "vessels")
+    mrml.update_node_from_volume(label_node, volume.with_array(label))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "vessels")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label_node, segmentation)
+    back = mrml.labelmap_from_segmentation(segmentation, reference)
+    assert back.same_grid(volume)
+    np.testing.assert_array_equal(back.array, label)

@@ -11,8 +11,10 @@ Geometry: a volume node holds its IJK-to-RAS matrix; `Volume` holds LPS. RAS = d
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 import slicer
 import vtk
+from vtk.util import numpy_support
 
 from deepnav.errors import InputError
 from deepnav.imaging import LPS_TO_RAS, Volume
@@ -121,3 +123,67 @@ def table(scene, name: str, rows: list[dict], columns: list[str]):
         data.AddColumn(array)
     node.Modified()
     return node
+
+
+def linear_transform(scene, name: str, matrix_to_parent_ras: np.ndarray):
+    """A linear transform node with this RAS to-parent matrix (updated in place on reruns)."""
+    node = _node(scene, "vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(_vtk_matrix(matrix_to_parent_ras))
+    return node
+
+
+def grid_transform_from_field(scene, name: str, field_lps: sitk.Image):
+    """A grid transform node from a displacement field (SimpleITK vector image: LPS geometry, LPS
+    mm vectors, resampling convention x_moving = x_fixed + u(x_fixed)). That convention is what
+    Slicer calls *from parent* (parent = fixed = MR): put the moving image (US) under this node and
+    Slicer shows it resampled onto the MR. Geometry and vectors are converted to RAS; the grid is
+    interpolated linearly, as SimpleITK's DisplacementFieldTransform does."""
+    flip = np.array([-1.0, -1.0, 1.0])
+    vectors = sitk.GetArrayFromImage(field_lps).astype(np.float64) * flip  # (k, j, i, 3) RAS
+    image = vtk.vtkImageData()
+    image.SetDimensions(*field_lps.GetSize())
+    image.SetSpacing(*field_lps.GetSpacing())
+    image.SetOrigin(*(np.array(field_lps.GetOrigin()) * flip))
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(vectors.reshape(-1, 3), deep=True))
+    direction = np.eye(4)
+    direction[:3, :3] = np.diag(flip) @ np.array(field_lps.GetDirection()).reshape(3, 3)
+    grid = slicer.vtkOrientedGridTransform()
+    grid.SetDisplacementGridData(image)
+    grid.SetGridDirectionMatrix(_vtk_matrix(direction))
+    grid.SetInterpolationModeToLinear()
+    node = _node(scene, "vtkMRMLGridTransformNode", name)
+    node.SetAndObserveTransformFromParent(grid)
+    return node
+
+
+def points_from_markups(node) -> np.ndarray:
+    """A markups node's control points (N, 3) in LPS mm (world, i.e. with its parent transforms)."""
+    if node is None or node.GetNumberOfControlPoints() == 0:
+        raise InputError("no points placed")
+    points = np.array([node.GetNthControlPointPositionWorld(n) for n in range(node.GetNumberOfControlPoints())])
+    return points * np.array([-1.0, -1.0, 1.0])
+
+
+def labelmap_from_segmentation(segmentation_node, reference_node, segment_id: str | None = None) -> Volume:
+    """One segment (the first by default) as a uint8 Volume on the reference volume's grid."""
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        raise InputError(f"{segmentation_node.GetName()} has no segment")
+    segment_id = segment_id or segmentation.GetNthSegmentID(0)
+    # slicer.util.arrayFromSegmentBinaryLabelmap needs the slicer.mrmlScene global; this works in
+    # any scene (also headless): export into a temporary label map on the reference grid
+    scene = segmentation_node.GetScene()
+    temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__deepnav_export__")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, temporary, reference_node):
+            raise InputError(f"cannot export segment {segment_id} of {segmentation_node.GetName()}")
+        exported = volume_from_node(temporary)
+    finally:
+        scene.RemoveNode(temporary)
+    reference = volume_from_node(reference_node)
+    if not exported.same_grid(reference):
+        raise InputError(f"{segmentation_node.GetName()} could not be put on {reference_node.GetName()}'s grid")
+    return reference.with_array((exported.array > 0).astype(np.uint8))
