@@ -87,11 +87,22 @@ class Volume:
         return Volume(array, self.spacing.copy(), self.origin.copy(), self.direction.copy())
 
     def to_sitk(self) -> sitk.Image:
-        image = sitk.GetImageFromArray(self.array)
+        return self.apply_geometry(sitk.GetImageFromArray(self.array))
+
+    def apply_geometry(self, image: sitk.Image) -> sitk.Image:
+        """Give a SimpleITK image (scalar or vector) of the same size this grid's geometry."""
         image.SetSpacing(self.spacing.tolist())
         image.SetOrigin(self.origin.tolist())
         image.SetDirection(self.direction.flatten().tolist())
         return image
+
+    @classmethod
+    def from_ijk_to_lps(cls, array: np.ndarray, matrix: np.ndarray) -> Volume:
+        """A volume whose geometry is a 4x4 voxel-index-to-LPS matrix (spacing = column norms)."""
+        spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+        if np.any(spacing <= 0):
+            raise InputError(f"voxel spacing must be positive, got {spacing}")
+        return cls(array, spacing, matrix[:3, 3], matrix[:3, :3] / spacing)
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> Volume:

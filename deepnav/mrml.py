@@ -42,9 +42,7 @@ def volume_from_node(node) -> Volume:
     """A scalar volume node as a Volume (a copy, LPS geometry)."""
     if node is None or node.GetImageData() is None:
         raise InputError("no image in the selected volume")
-    lps = LPS_TO_RAS @ ijk_to_ras(node)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    return Volume(np.array(slicer.util.arrayFromVolume(node)), spacing, lps[:3, 3], lps[:3, :3] / spacing)
+    return Volume.from_ijk_to_lps(np.array(slicer.util.arrayFromVolume(node)), LPS_TO_RAS @ ijk_to_ras(node))
 
 
 def update_node_from_volume(node, volume: Volume) -> None:
@@ -106,7 +104,8 @@ def labelmap(scene, name: str, mask: np.ndarray, matrix_ijk_to_ras: np.ndarray):
 
 
 def table(scene, name: str, rows: list[dict], columns: list[str]):
-    """A table node with one row per dict (missing values empty), text or numbers per column."""
+    """A table node with one row per dict (missing values empty, lists joined by "; "), text or
+    numbers per column."""
     node = _node(scene, "vtkMRMLTableNode", name)
     node.RemoveAllColumns()
     data = node.GetTable()
@@ -119,7 +118,7 @@ def table(scene, name: str, rows: list[dict], columns: list[str]):
             if numeric:
                 array.InsertNextValue(float("nan") if v is None else float(v))
             else:
-                array.InsertNextValue("" if v is None else str(v))
+                array.InsertNextValue("" if v is None else "; ".join(v) if isinstance(v, list) else str(v))
         data.AddColumn(array)
     node.Modified()
     return node

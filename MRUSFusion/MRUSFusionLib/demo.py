@@ -56,7 +56,7 @@ def run_demo(model: LoadedModel, out_dir: Path, *, frames: int = 24, rate_hz: fl
                "geometry_error": _geometry_error(frame.report["input"], volume)}
         if DEVICE_WARPED in frame.messages:
             picture = out_dir / f"overlay_frame{frame.index:03d}.png"
-            _write_overlay(source, volume, frame.messages[DEVICE_WARPED], picture)
+            _write_overlay(processor, volume, frame.messages[DEVICE_WARPED], picture)
             row["overlay"] = picture.name
             pictures_written.append(picture)
         if source["truth"] is not None and DEVICE_FIELD in frame.messages:
@@ -104,8 +104,8 @@ def _geometry_error(received: dict, sent: Volume) -> dict:
     return {"intact": intact, "origin_mm": origin, "spacing_mm": spacing, "direction": direction}
 
 
-def _write_overlay(source: dict, us: Volume, warped_message, path: Path) -> None:
-    pair = prepare_pair(source["mr"], us, liver=source["liver"])
+def _write_overlay(processor: FusionProcessor, us: Volume, warped_message, path: Path) -> None:
+    pair = prepare_pair(processor.mr, us, grid=processor.grid, fixed=processor.fixed)  # the MR is prepared once
     warped = msgs.image_to_volume(warped_message, "warped US")
     if not warped.same_grid(pair.grid):  # the service sends it on the registration grid; be safe
         warped = resample_to_grid(warped.with_array(warped.array.astype(np.float32)), pair.grid)

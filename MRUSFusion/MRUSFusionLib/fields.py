@@ -60,11 +60,7 @@ def compose_ijk(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
 def displacement_to_lps_image(disp_ijk: np.ndarray, grid: Volume) -> sitk.Image:
     """(3, D, H, W) voxel displacements (di, dj, dk) -> ITK vector image of LPS mm on `grid`."""
     u_lps = np.einsum("ab,bkji->kjia", _ds(grid), disp_ijk.astype(np.float64))
-    image = sitk.GetImageFromArray(u_lps, isVector=True)
-    image.SetSpacing(grid.spacing.tolist())
-    image.SetOrigin(grid.origin.tolist())
-    image.SetDirection(grid.direction.flatten().tolist())
-    return image
+    return grid.apply_geometry(sitk.GetImageFromArray(u_lps, isVector=True))
 
 
 def displacement_transform(field_lps: sitk.Image) -> sitk.DisplacementFieldTransform:

@@ -73,10 +73,10 @@ def image_to_volume(message: pyigtl.ImageMessage, what: str = "US volume") -> Vo
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
     if np.any(spacing < 1e-6) or not np.all(np.isfinite(matrix)):
         raise InputError(f"{what} {message.device_name!r} has a degenerate geometry (spacing {spacing})")
-    direction = matrix[:3, :3] / spacing
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+    volume = Volume.from_ijk_to_lps(image, matrix)
+    if not np.allclose(volume.direction.T @ volume.direction, np.eye(3), atol=1e-3):
         raise InputError(f"{what} {message.device_name!r} has non-orthogonal axes")
-    return Volume(image, spacing, matrix[:3, 3], direction)
+    return volume
 
 
 def volume_to_image(array: np.ndarray, grid: Volume, device: str, timestamp: float) -> pyigtl.ImageMessage:
@@ -102,13 +102,9 @@ def image_to_field(message: pyigtl.ImageMessage) -> sitk.Image:
     """The inverse of `displacement_to_image`: a SimpleITK LPS displacement field (LPS vectors)."""
     if message.image.ndim != 4 or message.image.shape[3] != 3:
         raise InputError(f"{message.device_name!r} is not a 3-component displacement image")
-    matrix = _world_matrix_lps(message)
-    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
-    image = sitk.GetImageFromArray(np.asarray(message.image, np.float64) * np.array([-1.0, -1.0, 1.0]), isVector=True)
-    image.SetSpacing(spacing.tolist())
-    image.SetOrigin(matrix[:3, 3].tolist())
-    image.SetDirection((matrix[:3, :3] / spacing).ravel().tolist())
-    return image
+    grid = Volume.from_ijk_to_lps(message.image[..., 0], _world_matrix_lps(message))
+    vectors = np.asarray(message.image, np.float64) * np.array([-1.0, -1.0, 1.0])
+    return grid.apply_geometry(sitk.GetImageFromArray(vectors, isVector=True))
 
 
 def rigid_to_parent_ras(rigid_lps: sitk.AffineTransform) -> np.ndarray:

@@ -89,10 +89,12 @@ def register_pair(model: LoadedModel, pair: FusionPair, timings: dict | None = N
 
 
 def register(model: LoadedModel, mr: Volume, us: Volume, *, liver: Volume | None = None,
-             initial: sitk.Transform | None = None) -> Registration:
-    """Resample MR and US into the fusion grid (US coarsely aligned, or through `initial`) and run."""
+             initial: sitk.Transform | None = None, grid: Volume | None = None,
+             fixed: np.ndarray | None = None) -> Registration:
+    """Resample MR and US into the fusion grid (US coarsely aligned, or through `initial`) and run.
+    `grid` and `fixed` (see `prepare_pair`) reuse the MR's preprocessing across frames."""
     t0 = time.perf_counter()
-    pair = prepare_pair(mr, us, liver=liver, initial=initial)
+    pair = prepare_pair(mr, us, liver=liver, initial=initial, grid=grid, fixed=fixed)
     result = register_pair(model, pair, {"preprocess": time.perf_counter() - t0})
     if initial is not None:
         fold_initial(result, initial)

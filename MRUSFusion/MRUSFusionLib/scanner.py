@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import time
 from collections.abc import Callable, Sequence
 
@@ -75,7 +76,7 @@ def stream(host: str, port: int, volumes: Sequence[Volume], *, count: int, rate_
         while True:
             try:
                 item = reader.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 return
             if item is None:
                 reader.queue.put(None)

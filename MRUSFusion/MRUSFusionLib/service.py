@@ -28,8 +28,8 @@ from deepnav.imaging import Volume, require_finite
 from MRUSFusionLib import igtl_messages as msgs
 from MRUSFusionLib.igtl_transport import Connection, ConnectionClosed, ProtocolError
 from MRUSFusionLib.model_io import LoadedModel
-from MRUSFusionLib.preprocess import fusion_grid, prepare_fixed, prepare_pair
-from MRUSFusionLib.registration import Registration, register_pair
+from MRUSFusionLib.preprocess import fusion_grid, prepare_fixed
+from MRUSFusionLib.registration import Registration, register
 
 log = logging.getLogger("deepnav.fusion.service")
 
@@ -79,9 +79,7 @@ class FusionProcessor:
         self.fixed = prepare_fixed(mr, self.grid)
 
     def register(self, us: Volume) -> Registration:
-        t0 = time.perf_counter()
-        pair = prepare_pair(self.mr, us, grid=self.grid, fixed=self.fixed)
-        return register_pair(self.model, pair, {"preprocess": time.perf_counter() - t0})
+        return register(self.model, self.mr, us, grid=self.grid, fixed=self.fixed)
 
     def warm_up(self) -> None:
         """Two passes on the MR against itself: allocations, kernels and caches are done here,
