@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from pathlib import Path
 
 import qt
 import slicer
@@ -168,7 +169,7 @@ class FetalBiometryWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             r = done[0]
             text = _("HC {hc:.1f} mm, BPD {bpd:.1f} mm, OFD {ofd:.1f} mm").format(hc=r["hc_mm"], bpd=r["bpd_mm"],
                                                                                  ofd=r["ofd_mm"])
-            self.ui.resultLabel.text = text + (f"  ({r['flags']})" if r.get("flags") else "")
+            self.ui.resultLabel.text = text + (f"  ({'; '.join(r['flags'])})" if r.get("flags") else "")
         elif len(rows) == 1:
             self.ui.resultLabel.text = _("Not measurable: {reason}").format(reason=rows[0].get("reason"))
         else:
@@ -199,41 +200,31 @@ class FetalBiometryLogic(ScriptedLoadableModuleLogic):
         """Measure the head in a single-slice volume node; show the ellipse (closed curve), BPD and
         OFD (lines) and the head label map over it; add a row to the measurements table."""
         from FetalBiometryLib.image_io import check_pixel_size
-        from FetalBiometryLib.pipeline import measure_image
+        from FetalBiometryLib.pipeline import measure_image, measurement_row
 
         from deepnav import mrml
 
         pixels, _nodeSpacing, matrix = mrml.image2d_from_node(volumeNode)
         pixelMm = check_pixel_size(pixelMm, volumeNode.GetName())
         result = measure_image(self.segmenter(modelPath), pixels, pixelMm)
-        row = self._row(volumeNode.GetName(), pixelMm, result.measurement)
+        row = measurement_row(volumeNode.GetName(), pixelMm, result.measurement)
         m = result.measurement
         if m.ellipse_px is not None:
-            import math
-
-            e = m.ellipse_px
-            c, s = math.cos(e.angle), math.sin(e.angle)
             scene = slicer.mrmlScene
-            mrml.closed_curve(scene, "HC ellipse", mrml.pixels_to_ras(e.outline(64), matrix))
-            mrml.line(scene, "OFD", *mrml.pixels_to_ras([(e.cx - e.a * c, e.cy - e.a * s),
-                                                         (e.cx + e.a * c, e.cy + e.a * s)], matrix))
-            mrml.line(scene, "BPD", *mrml.pixels_to_ras([(e.cx + e.b * s, e.cy - e.b * c),
-                                                         (e.cx - e.b * s, e.cy + e.b * c)], matrix))
-            from FetalBiometryLib.measure import head_mask
-
-            label = mrml.labelmap(scene, "Fetal head", head_mask(result.probability), matrix)
+            mrml.closed_curve(scene, "HC ellipse", mrml.pixels_to_ras(m.ellipse_px.outline(64), matrix))
+            ofd, bpd = m.ellipse_px.axes()
+            mrml.line(scene, "OFD", *mrml.pixels_to_ras(ofd, matrix))
+            mrml.line(scene, "BPD", *mrml.pixels_to_ras(bpd, matrix))
+            label = mrml.labelmap(scene, "Fetal head", m.mask, matrix)
             slicer.util.setSliceViewerLayers(background=volumeNode, label=label, labelOpacity=0.3)
         self.rows.append(row)
-        self._updateTable()
+        self.tableNode()
         return row
 
     def measureFolder(self, folder: str, csvPath=None, modelPath=None, progress=None) -> list[dict]:
         """Measure every image in a folder (pixel sizes from an HC18-style CSV, or DICOM)."""
         from FetalBiometryLib.hc18 import read_pixel_sizes
-        from FetalBiometryLib.image_io import check_pixel_size, read_image_2d
-        from FetalBiometryLib.pipeline import measure_image
-
-        from deepnav.errors import InputError
+        from FetalBiometryLib.pipeline import measure_file
 
         table = read_pixel_sizes(csvPath) if csvPath else {}
         names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg", ".dcm", ".bmp"))
@@ -242,38 +233,23 @@ class FetalBiometryLogic(ScriptedLoadableModuleLogic):
         for k, name in enumerate(names):
             if progress and progress(k / max(len(names), 1), name):
                 break
-            try:
-                image = read_image_2d(os.path.join(folder, name))
-                pixelMm = check_pixel_size(table.get(name, (image.pixel_mm,))[0], name)
-                result = measure_image(self.segmenter(modelPath), image.pixels, pixelMm)
-                rows.append(self._row(name, pixelMm, result.measurement))
-            except InputError as exc:
-                rows.append({"file": name, "hc_mm": None, "reason": str(exc)})
+            row, _result = measure_file(self.segmenter(modelPath), Path(folder) / name, table.get(name, (None,))[0])
+            rows.append(row)
         self.rows.extend(rows)
-        self._updateTable()
+        self.tableNode()
         return rows
 
-    @staticmethod
-    def _row(name: str, pixelMm: float, m) -> dict:
-        if m.hc_mm is None:
-            return {"file": name, "pixel_mm": pixelMm, "hc_mm": None, "reason": m.reason}
-        return {"file": name, "hc_mm": m.hc_mm, "bpd_mm": m.bpd_mm, "ofd_mm": m.ofd_mm,
-                "contour_length_mm": m.contour_length_mm, "pixel_count_hc_mm": m.pixel_count_hc_mm,
-                "pixel_mm": pixelMm, "flags": "; ".join(m.flags)}
-
     def tableNode(self):
+        """The measurements table, brought up to date with `rows`."""
         from deepnav import mrml
 
         return mrml.table(slicer.mrmlScene, self.TABLE, self.rows, COLUMNS)
-
-    def _updateTable(self) -> None:
-        self.tableNode()
 
     def exportCsv(self, path: str) -> None:
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows({k: "; ".join(v) if isinstance(v, list) else v for k, v in r.items()} for r in self.rows)
 
 
 class FetalBiometryTest(ScriptedLoadableModuleTest):

@@ -201,37 +201,25 @@ def test_bad_images_are_answered(service, patient, client, case, expect):
     assert_serves(service, patient, client)
 
 
-def test_malformed_header_ends_that_connection_only(service, patient):
-    reader = MessageReader(Connection.connect("127.0.0.1", service.port))
-    try:
-        reader.conn.send_buffers([struct.pack(">H", 77) + b"\xff" * 56])
-        assert "malformed header" in error_status(reader).text
-        with pytest.raises(Exception, match="closed"):
-            reader.wait_for(lambda m: False, 5)
-    finally:
-        reader.close()
+def test_malformed_header_ends_that_connection_only(service, patient, client):
+    client.conn.send_buffers([struct.pack(">H", 77) + b"\xff" * 56])
+    assert "malformed header" in error_status(client).text
+    with pytest.raises(Exception, match="closed"):
+        client.wait_for(lambda m: False, 5)
+    assert_serves(service, patient)  # on a new connection
+
+
+def test_body_far_larger_than_what_follows_times_out(service, patient, client):
+    client.conn.send_buffers([raw_message("IMAGE", b"\0" * 1000, body_size=10_000_000)])
+    t0 = time.monotonic()
+    status = error_status(client, timeout=10)
+    assert "stalled" in status.text and time.monotonic() - t0 < STALL_S + 3
     assert_serves(service, patient)
 
 
-def test_body_far_larger_than_what_follows_times_out(service, patient):
-    reader = MessageReader(Connection.connect("127.0.0.1", service.port))
-    try:
-        reader.conn.send_buffers([raw_message("IMAGE", b"\0" * 1000, body_size=10_000_000)])
-        t0 = time.monotonic()
-        status = error_status(reader, timeout=10)
-        assert "stalled" in status.text and time.monotonic() - t0 < STALL_S + 3
-    finally:
-        reader.close()
-    assert_serves(service, patient)
-
-
-def test_announced_body_beyond_the_limit_is_refused_at_once(service, patient):
-    reader = MessageReader(Connection.connect("127.0.0.1", service.port))
-    try:
-        reader.conn.send_buffers([raw_message("IMAGE", b"", body_size=1 << 40)])
-        assert "limit" in error_status(reader).text
-    finally:
-        reader.close()
+def test_announced_body_beyond_the_limit_is_refused_at_once(service, patient, client):
+    client.conn.send_buffers([raw_message("IMAGE", b"", body_size=1 << 40)])
+    assert "limit" in error_status(client).text
     assert_serves(service, patient)
 
 

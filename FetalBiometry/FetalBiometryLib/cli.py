@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from deepnav.errors import InputError
@@ -61,38 +60,21 @@ def _segmenter(args):
 
 def _measure(args) -> int:
     from FetalBiometryLib.hc18 import read_pixel_sizes
-    from FetalBiometryLib.image_io import check_pixel_size, read_image_2d
     from FetalBiometryLib.overlay import write_overlay
-    from FetalBiometryLib.pipeline import measure_image
+    from FetalBiometryLib.pipeline import measure_file
 
     segmenter = _segmenter(args)
     table = read_pixel_sizes(args.pixel_size_csv) if args.pixel_size_csv else {}
     rows = []
     for path in args.images:
-        row = {"file": path.name}
-        t0 = time.perf_counter()
-        try:
-            image = read_image_2d(path)
-            given = args.pixel_size if args.pixel_size is not None else table.get(path.name, (None,))[0]
-            pixel_mm = check_pixel_size(given if given is not None else image.pixel_mm, path.name)
-            result = measure_image(segmenter, image.pixels, pixel_mm)
-        except InputError as exc:
-            rows.append({**row, "hc_mm": None, "reason": str(exc)})
-            print(f"{path.name}: not measurable: {exc}")
-            continue
-        m = result.measurement
-        row.update(pixel_mm=pixel_mm, runtime_s=time.perf_counter() - t0, notes=image.notes,
-                   deidentified_pixels=result.blanked_pixels)
-        if m.hc_mm is None:
-            row.update(hc_mm=None, reason=m.reason)
-            print(f"{path.name}: not measurable: {m.reason}")
+        given = args.pixel_size if args.pixel_size is not None else table.get(path.name, (None,))[0]
+        row, result = measure_file(segmenter, path, given)
+        if row["hc_mm"] is None:
+            print(f"{path.name}: not measurable: {row['reason']}")
         else:
-            row.update(hc_mm=m.hc_mm, bpd_mm=m.bpd_mm, ofd_mm=m.ofd_mm, ellipse_px=m.ellipse_px.as_dict(),
-                       ellipse_mm=m.ellipse_px.as_dict(pixel_mm), contour_length_mm=m.contour_length_mm,
-                       pixel_count_hc_mm=m.pixel_count_hc_mm, confident=m.confident, flags=m.flags)
-            print(f"{path.name}: HC {m.hc_mm:.1f} mm, BPD {m.bpd_mm:.1f} mm, OFD {m.ofd_mm:.1f} mm"
-                  + (f"  [{'; '.join(m.flags)}]" if m.flags else ""))
-        if args.overlay:
+            print(f"{path.name}: HC {row['hc_mm']:.1f} mm, BPD {row['bpd_mm']:.1f} mm, OFD {row['ofd_mm']:.1f} mm"
+                  + (f"  [{'; '.join(row['flags'])}]" if row["flags"] else ""))
+        if args.overlay and result is not None:
             row["overlay"] = str(write_overlay(result, args.overlay / (path.stem + "_overlay.png")))
         rows.append(row)
     args.json.parent.mkdir(parents=True, exist_ok=True)

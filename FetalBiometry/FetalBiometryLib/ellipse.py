@@ -50,6 +50,13 @@ class Ellipse:
         u, v = self.a * np.cos(t), self.b * np.sin(t)
         return np.c_[self.cx + u * c - v * s, self.cy + u * s + v * c]
 
+    def axes(self) -> tuple[np.ndarray, np.ndarray]:
+        """End points (2, 2) (x, y) of the major axis (OFD) and of the minor axis (BPD)."""
+        c, s = math.cos(self.angle), math.sin(self.angle)
+        major = np.array([[self.cx - self.a * c, self.cy - self.a * s], [self.cx + self.a * c, self.cy + self.a * s]])
+        minor = np.array([[self.cx + self.b * s, self.cy - self.b * c], [self.cx - self.b * s, self.cy + self.b * c]])
+        return major, minor
+
     def as_dict(self, pixel_mm: float | None = None) -> dict:
         out = {"cx": self.cx, "cy": self.cy, "a": self.a, "b": self.b, "angle_rad": self.angle}
         if pixel_mm is not None:

@@ -18,7 +18,6 @@ from skimage.measure import find_contours
 
 from FetalBiometryLib.hc18 import Case, reference_ellipse
 from FetalBiometryLib.image_io import read_image_2d
-from FetalBiometryLib.measure import head_mask
 from FetalBiometryLib.pipeline import measure_image
 from FetalBiometryLib.segment import HeadSegmenter
 
@@ -49,7 +48,7 @@ def score_case(segmenter: HeadSegmenter, case: Case) -> dict:
                dice=dice(m.ellipse_px.filled(shape), ref_filled),
                hausdorff_mm=hausdorff(m.ellipse_px.outline(), ref.outline()) * case.pixel_mm)
     # the spec's method: boundary pixel count of the fused mask, and that mask as the segmentation
-    mask = head_mask(result.probability)
+    mask = m.mask
     contour = max(find_contours(mask.astype(np.float32), 0.5), key=len)[:, ::-1]
     row.update(pixel_count_hc_mm=m.pixel_count_hc_mm, pixel_count_hc_diff_mm=m.pixel_count_hc_mm - ref_hc,
                pixel_count_dice=dice(mask, ref_filled),

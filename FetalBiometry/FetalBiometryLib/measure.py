@@ -42,6 +42,7 @@ class Measurement:
     flags: list[str] = dataclasses.field(default_factory=list)
     reason: str | None = None  # why there is no measurement
     contour_px: np.ndarray | None = None  # (N, 2) x, y
+    mask: np.ndarray | None = None  # the head region (bool, image grid) the contour bounds
 
     @property
     def confident(self) -> bool:
@@ -96,4 +97,4 @@ def measure(probability: np.ndarray, pixel_mm: float) -> Measurement:
     if abs(contour_mm - hc_mm) > DISAGREEMENT * hc_mm:
         flags.append(f"contour and ellipse disagree by {100 * abs(contour_mm - hc_mm) / hc_mm:.0f}%")
     return Measurement(hc_mm, ellipse, 2 * ellipse.b * pixel_mm, 2 * ellipse.a * pixel_mm, contour_mm,
-                       pixel_count_length(mask) * pixel_mm, flags, contour_px=contour)
+                       pixel_count_length(mask) * pixel_mm, flags, contour_px=contour, mask=mask)

@@ -3,7 +3,6 @@ contour (green) and the BPD / OFD axes (yellow), written as PNG with SimpleITK."
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +34,8 @@ def write_overlay(result: Result, path: Path) -> Path:
     if m.ellipse_px is not None:
         e = m.ellipse_px
         _draw(rgb, e.outline(4 * int(e.a + e.b) + 64), RED)
-        c, s = math.cos(e.angle), math.sin(e.angle)
-        _draw(rgb, _segment((e.cx - e.a * c, e.cy - e.a * s), (e.cx + e.a * c, e.cy + e.a * s)), YELLOW)  # OFD
-        _draw(rgb, _segment((e.cx + e.b * s, e.cy - e.b * c), (e.cx - e.b * s, e.cy + e.b * c)), YELLOW)  # BPD
+        for end_points in e.axes():  # OFD, BPD
+            _draw(rgb, _segment(*end_points), YELLOW)
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
     return path
