@@ -19,16 +19,9 @@ import pytest
 from conftest import ROOT
 from MRUSFusionLib import igtl_messages as msgs
 from MRUSFusionLib.fields import displacement_transform, transform_points
+from MRUSFusionLib.igtl_messages import DEVICE_FIELD, DEVICE_REPORT, DEVICE_RIGID, DEVICE_WARPED
 from MRUSFusionLib.igtl_transport import HEADER, Connection, MessageReader, crc64, encode
-from MRUSFusionLib.service import (
-    DEVICE_FIELD,
-    DEVICE_REPORT,
-    DEVICE_RIGID,
-    DEVICE_WARPED,
-    EchoProcessor,
-    FusionProcessor,
-    FusionService,
-)
+from MRUSFusionLib.service import EchoProcessor, FusionProcessor, FusionService
 
 STALL_S = 0.5
 

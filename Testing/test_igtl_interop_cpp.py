@@ -16,16 +16,8 @@ import pytest
 from conftest import ROOT
 from deepnav.imaging import Volume
 from MRUSFusionLib import igtl_messages as msgs
-from MRUSFusionLib.service import (
-    DEVICE_ECHO,
-    DEVICE_FIELD,
-    DEVICE_REPORT,
-    DEVICE_RIGID,
-    DEVICE_WARPED,
-    EchoProcessor,
-    FusionProcessor,
-    FusionService,
-)
+from MRUSFusionLib.igtl_messages import DEVICE_ECHO, DEVICE_FIELD, DEVICE_REPORT, DEVICE_RIGID, DEVICE_WARPED
+from MRUSFusionLib.service import EchoProcessor, FusionProcessor, FusionService
 
 INCLUDE = Path("/usr/include/openigtlink")
 SOURCE = ROOT / "Testing" / "cpp" / "igtl_us_client.cxx"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from deepnav.errors import InputError
 from deepnav.progress import Cancelled, CancelToken, silent
 from MRUSFusionLib import losses
 from MRUSFusionLib.preprocess import prepare_pair
@@ -66,3 +67,26 @@ def test_cancel_stops_training_between_steps(samples, tmp_path):
 def test_loss_weights_default_to_the_measured_better_reading():
     w = losses.LossWeights()  # reading B, the one the shipped model used (MODEL_CARD.md)
     assert (w.label, w.mind, w.smooth) == (100.0, 0.01, 1.0)
+
+
+def test_training_from_volumes_in_the_background_saves_a_loadable_model(patient, tmp_path):
+    """The Slicer module's path: volumes in memory, a split of the recorded frames, training on
+    a thread watched through progress, a model file the loader takes."""
+    from deepnav.progress import BackgroundTask
+    from MRUSFusionLib.dataset import volume_samples
+    from MRUSFusionLib.model_io import load_model
+    from MRUSFusionLib.training import split_frames, train_and_save
+
+    frames = [(f.image, f.vessels) for f in patient.frames] * 2  # four recorded frames
+    samples = volume_samples(patient.mr, patient.vessels, frames, patient.liver)
+    train_samples, val_samples, val_idx = split_frames(samples, 1)
+    assert len(train_samples) == 3 and val_idx == [2]
+    task = BackgroundTask(lambda progress, cancel: train_and_save(
+        train_samples, val_samples, tmp_path, _tiny(steps_per_epoch=3), source={"kind": "slicer"},
+        progress=progress, cancel=cancel))
+    path, info = task.result(timeout=300)
+    assert task.fraction == 1.0 and "val vessel Dice" in task.message
+    loaded = load_model(path, "cpu")
+    assert loaded.metadata["training"]["kind"] == "slicer" and len(info["history"]) == 2
+    with pytest.raises(InputError, match="need more than"):
+        split_frames(samples[:1], 1)

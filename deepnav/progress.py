@@ -43,6 +43,45 @@ def silent(fraction: float, message: str) -> None:
     del fraction, message
 
 
+class BackgroundTask:
+    """Long work (training, a batch) on a thread, watched from a GUI thread without blocking it:
+    `fn(progress, cancel)` runs at once; the GUI reads `fraction` and `message` on a timer, calls
+    `cancel()`, and when `done` takes `result()` (which re-raises what the work raised)."""
+
+    def __init__(self, fn: Callable[[ProgressCallback, CancelToken], object], name: str = "deepnav-task"):
+        self.fraction, self.message = 0.0, ""
+        self.token = CancelToken()
+        self._fn = fn
+        self._result: object = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _report(self, fraction: float, message: str) -> None:
+        self.fraction, self.message = fraction, message
+
+    def _run(self) -> None:
+        try:
+            self._result = self._fn(self._report, self.token)
+        except BaseException as exc:  # handed to the GUI thread by result()
+            self._error = exc
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+    def result(self, timeout: float | None = None):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("the task is still running")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 class Stopwatch:
     """Named stage timings in seconds: `with sw("rigid"): ...`, then `sw.times`."""
 

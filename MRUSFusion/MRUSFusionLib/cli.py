@@ -153,26 +153,13 @@ def _train(args) -> int:
         if not (args.mr_vessels and args.us and args.us_vessels):
             raise InputError("file training needs --mr, --mr-vessels, --us and --us-vessels")
         samples = dataset.file_samples(args.mr, args.mr_vessels, args.us, args.us_vessels, args.liver)
-        if len(samples) <= args.val_frames:
-            raise InputError(f"{len(samples)} US frames: need more than --val-frames {args.val_frames}")
-        # validation frames spread over the sequence (every k-th), the rest train
-        step = len(samples) / args.val_frames
-        val_idx = {int(step * (i + 0.5)) for i in range(args.val_frames)}
-        train_samples = [s for i, s in enumerate(samples) if i not in val_idx]
-        val_samples = [samples[i] for i in sorted(val_idx)]
-        source = {"kind": "files", "mr": str(args.mr), "us": [str(p) for p in args.us], "validation_frames": sorted(val_idx)}
-    device = pick_device(args.device)
+        train_samples, val_samples, val_idx = training.split_frames(samples, args.val_frames)
+        source = {"kind": "files", "mr": str(args.mr), "us": [str(p) for p in args.us], "validation_frames": val_idx}
     init = model_io.load_model(args.init, "cpu").eager().state_dict() if args.init else None
-    metadata = {"training": {**source, "config": config.to_json(),
-                             "loss": f"{config.weights.label} * label + {config.weights.mind} * MIND + "
-                                     f"{config.weights.smooth} * smoothness"}}
-    model, info = training.train(train_samples, val_samples, args.out, config, device=device, resume=args.resume,
-                                 metadata=metadata, init_state=init)
-    metadata["training"]["best"] = info["best"]
-    model_io.save_torchscript(model, args.out / "model.pt", metadata)
-    model_io.save_exported(model, args.out / "model.pt2", metadata)
+    path, info = training.train_and_save(train_samples, val_samples, args.out, config, source=source,
+                                         device=pick_device(args.device), resume=args.resume, init_state=init)
     print(f"best validation (epoch {info['best']['epoch'] + 1}): vessel Dice {info['best']['vessel_dice']:.3f}; "
-          f"wrote {args.out / 'model.pt'} and {args.out / 'model.pt2'}")
+          f"wrote {path} and {path.with_suffix('.pt2')}")
     return 0
 
 

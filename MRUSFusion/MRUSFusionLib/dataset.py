@@ -7,9 +7,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from deepnav.errors import InputError
-from deepnav.imaging import read_volume
+from deepnav.imaging import Volume, read_volume
 from MRUSFusionLib.phantom import make_patient
-from MRUSFusionLib.preprocess import prepare_pair
+from MRUSFusionLib.preprocess import fusion_grid, prepare_pair
 from MRUSFusionLib.training import Sample
 
 # Patient seeds at or above this value are reserved for training the shipped model; evaluation
@@ -34,15 +34,19 @@ def synthetic_samples(seeds: list[int], frames: int, workers: int = 2) -> list[l
 
 
 def file_samples(mr: Path, mr_vessels: Path, us: list[Path], us_vessels: list[Path], liver: Path | None) -> list[Sample]:
-    """The spec's per-patient workflow: one MR with its vessel label, US frames with theirs."""
+    """The spec's per-patient workflow from files: one MR with its vessel label, US frames with theirs."""
     if len(us) != len(us_vessels):
         raise InputError(f"{len(us)} US volumes but {len(us_vessels)} US vessel labels: give one label per volume")
-    mr_volume = read_volume(mr, what="MR")
-    mr_label = read_volume(mr_vessels, what="MR vessel label")
-    liver_volume = read_volume(liver, what="liver mask") if liver else None
-    samples = []
-    for image_path, label_path in zip(us, us_vessels, strict=True):
-        pair = prepare_pair(mr_volume, read_volume(image_path, what="US volume"), liver=liver_volume,
-                            mr_vessels=mr_label, us_vessels=read_volume(label_path, what="US vessel label"))
-        samples.append(Sample.from_pair(pair))
-    return samples
+    return volume_samples(read_volume(mr, what="MR"), read_volume(mr_vessels, what="MR vessel label"),
+                          [(read_volume(i, what="US volume"), read_volume(v, what="US vessel label"))
+                           for i, v in zip(us, us_vessels, strict=True)],
+                          read_volume(liver, what="liver mask") if liver else None)
+
+
+def volume_samples(mr: Volume, mr_vessels: Volume, us_frames: list[tuple[Volume, Volume]],
+                   liver: Volume | None = None) -> list[Sample]:
+    """Training pairs from volumes in memory (the Slicer module's nodes): (US, US vessel label)
+    per frame."""
+    grid = fusion_grid(mr, liver)
+    return [Sample.from_pair(prepare_pair(mr, image, liver=liver, mr_vessels=mr_vessels, us_vessels=label, grid=grid))
+            for image, label in us_frames]

@@ -20,12 +20,13 @@ from deepnav.progress import ProgressCallback, print_progress
 from MRUSFusionLib import igtl_messages as msgs
 from MRUSFusionLib.evaluation import machine_description
 from MRUSFusionLib.fields import displacement_transform, transform_points
+from MRUSFusionLib.igtl_messages import DEVICE_FIELD, DEVICE_WARPED
 from MRUSFusionLib.model_io import LoadedModel
 from MRUSFusionLib.overlay import overlay_panel, write_png
 from MRUSFusionLib.phantom import make_patient
 from MRUSFusionLib.preprocess import prepare_pair
 from MRUSFusionLib.scanner import latency_summary, stream
-from MRUSFusionLib.service import DEVICE_FIELD, DEVICE_WARPED, FusionProcessor, FusionService
+from MRUSFusionLib.service import FusionProcessor, FusionService
 
 DEMO_PATIENT_SEED = 42
 BREATHING_FRAMES = 8  # half a breathing cycle; the scanner plays it forth and back

@@ -23,9 +23,17 @@ import SimpleITK as sitk
 
 from deepnav.errors import InputError
 from deepnav.imaging import LPS_TO_RAS, Volume
+from MRUSFusionLib import fields
 
 STATUS_OK = 1
 STATUS_ERROR = 2
+
+# the service's answers, one device name each (a client tells them apart by name)
+DEVICE_WARPED = "DeepNavWarpedUS"
+DEVICE_FIELD = "DeepNavField"
+DEVICE_RIGID = "DeepNavRigid"
+DEVICE_REPORT = "DeepNavReport"
+DEVICE_ECHO = "DeepNavEcho"
 
 
 class StatusMessage(pyigtl.MessageBase):
@@ -110,11 +118,7 @@ def image_to_field(message: pyigtl.ImageMessage) -> sitk.Image:
 def rigid_to_parent_ras(rigid_lps: sitk.AffineTransform) -> np.ndarray:
     """Our rigid transform (MR LPS point -> US LPS point, resampling convention) as the RAS
     to-parent matrix Slicer applies to the US volume to bring it onto the MR."""
-    m = np.eye(4)
-    m[:3, :3] = np.array(rigid_lps.GetMatrix()).reshape(3, 3)
-    centre = np.array(rigid_lps.GetCenter())
-    m[:3, 3] = np.array(rigid_lps.GetTranslation()) + centre - m[:3, :3] @ centre
-    return LPS_TO_RAS @ np.linalg.inv(m) @ LPS_TO_RAS
+    return fields.resampling_to_parent_ras(fields.linear_to_matrix(rigid_lps))
 
 
 def transform_message(matrix_ras: np.ndarray, device: str, timestamp: float) -> pyigtl.TransformMessage:

@@ -201,6 +201,16 @@ def wire_timestamp(timestamp: float) -> float:
     return seconds + fraction / 2**32
 
 
+def match_timestamp(by_time: dict[float, object], timestamp: float):
+    """What an answer belongs to, by the timestamp the service echoes on it (sent timestamps as
+    `wire_timestamp` gives them, as keys); re-encoding can move a timestamp by ~1e-7 s."""
+    item = by_time.get(timestamp)
+    if item is None and by_time:
+        nearest = min(by_time, key=lambda t: abs(t - timestamp))
+        item = by_time[nearest] if abs(nearest - timestamp) < 1e-4 else None
+    return item
+
+
 class MessageReader:
     """A client's reader thread: every message (or non-fatal ProtocolError) from the peer goes
     into `queue` as (message, arrival perf_counter); None marks the end of the connection."""

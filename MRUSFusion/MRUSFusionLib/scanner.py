@@ -19,8 +19,8 @@ import numpy as np
 
 from deepnav.imaging import Volume
 from MRUSFusionLib import igtl_messages as msgs
-from MRUSFusionLib.igtl_transport import Connection, MessageReader, ProtocolError, wire_timestamp
-from MRUSFusionLib.service import DEVICE_REPORT
+from MRUSFusionLib.igtl_messages import DEVICE_REPORT
+from MRUSFusionLib.igtl_transport import Connection, MessageReader, ProtocolError, match_timestamp, wire_timestamp
 
 
 @dataclasses.dataclass
@@ -85,7 +85,7 @@ def stream(host: str, port: int, volumes: Sequence[Volume], *, count: int, rate_
             if isinstance(message, ProtocolError):
                 errors.append(str(message))
                 continue
-            frame = _match(by_time, message.timestamp)
+            frame = match_timestamp(by_time, message.timestamp)
             if message.message_type == "STATUS":
                 errors.append(message.text)
                 if frame is not None:
@@ -121,15 +121,6 @@ def stream(host: str, port: int, volumes: Sequence[Volume], *, count: int, rate_
     finally:
         reader.close()
     return StreamRun(frames, time.perf_counter() - t0, errors)
-
-
-def _match(by_time: dict[float, SentFrame], timestamp: float) -> SentFrame | None:
-    """The frame an answer belongs to; re-encoding a timestamp can move it by ~1e-7 s."""
-    frame = by_time.get(timestamp)
-    if frame is None and by_time:
-        nearest = min(by_time, key=lambda t: abs(t - timestamp))
-        frame = by_time[nearest] if abs(nearest - timestamp) < 1e-4 else None
-    return frame
 
 
 def percentiles(values: Sequence[float]) -> dict:

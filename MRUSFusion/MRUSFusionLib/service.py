@@ -12,7 +12,6 @@ stream is still in sync) or ends that one connection, and the worker survives an
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import socket
@@ -25,8 +24,11 @@ import numpy as np
 
 from deepnav.errors import InputError
 from deepnav.imaging import Volume, require_finite
+from deepnav.torch_runtime import describe_device
 from MRUSFusionLib import igtl_messages as msgs
+from MRUSFusionLib.igtl_messages import DEVICE_ECHO, DEVICE_FIELD, DEVICE_REPORT, DEVICE_RIGID, DEVICE_WARPED
 from MRUSFusionLib.igtl_transport import Connection, ConnectionClosed, ProtocolError
+from MRUSFusionLib.mailbox import LatestFrameMailbox
 from MRUSFusionLib.model_io import LoadedModel
 from MRUSFusionLib.preprocess import fusion_grid, prepare_fixed
 from MRUSFusionLib.registration import Registration, register
@@ -34,11 +36,6 @@ from MRUSFusionLib.registration import Registration, register
 log = logging.getLogger("deepnav.fusion.service")
 
 DEFAULT_PORT = 18944
-DEVICE_WARPED = "DeepNavWarpedUS"
-DEVICE_FIELD = "DeepNavField"
-DEVICE_RIGID = "DeepNavRigid"
-DEVICE_REPORT = "DeepNavReport"
-DEVICE_ECHO = "DeepNavEcho"
 
 
 @dataclasses.dataclass
@@ -60,6 +57,7 @@ class Outcome:
 
 class FrameProcessor(Protocol):
     name: str
+    device: str  # where the work runs, as shown to the user (e.g. "cuda:0 (NVIDIA H100)")
 
     def warm_up(self) -> None: ...
 
@@ -75,6 +73,7 @@ class FusionProcessor:
     def __init__(self, model: LoadedModel, mr: Volume, liver: Volume | None = None):
         require_finite(mr, "MR")
         self.model, self.mr = model, mr
+        self.device = describe_device(model.device)
         self.grid = fusion_grid(mr, liver)
         self.fixed = prepare_fixed(mr, self.grid)
 
@@ -103,6 +102,7 @@ class EchoProcessor:
     """Sends each frame straight back (device DeepNavEcho): the transport alone, for benchmarks."""
 
     name = "echo"
+    device = "none (echo)"
 
     def warm_up(self) -> None:
         pass
@@ -127,31 +127,6 @@ class Session:
     def send(self, messages: list) -> None:
         for message in messages:
             self.conn.send(message)
-
-
-class LatestFrameMailbox:
-    """One waiting frame per peer; a newer frame replaces the waiting one (counted as dropped).
-    The worker takes peers in the order their frames have been waiting."""
-
-    def __init__(self):
-        self._slots: collections.OrderedDict[int, Frame] = collections.OrderedDict()
-        self._cond = threading.Condition()
-        self.dropped = 0
-
-    def put(self, frame: Frame) -> None:
-        with self._cond:
-            key = id(frame.session)
-            if key in self._slots:
-                self.dropped += 1
-                frame.session.frames_dropped += 1
-            self._slots[key] = frame  # replacing keeps the peer's place in the order
-            self._cond.notify()
-
-    def take(self, timeout: float) -> Frame | None:
-        with self._cond:
-            if not self._slots and not self._cond.wait(timeout):
-                return None
-            return self._slots.popitem(last=False)[1] if self._slots else None
 
 
 class FusionService:
@@ -297,7 +272,9 @@ class FusionService:
             self._reject(session, str(exc), message.device_name, fields["timestamp"])
             return
         session.frames_received += 1
-        self.mailbox.put(Frame(volume, message.device_name, fields["timestamp"], t_done, session, _geometry(volume)))
+        frame = Frame(volume, message.device_name, fields["timestamp"], t_done, session, _geometry(volume))
+        if self.mailbox.put(id(session), frame):
+            session.frames_dropped += 1
 
     def _reject(self, session: Session, text: str, device: str, timestamp: float, code: int = msgs.STATUS_ERROR) -> None:
         """Log a clear message and answer with an error STATUS while the peer still listens."""
@@ -347,7 +324,8 @@ class FusionService:
                       "results_sent_s": round(t_sent - frame.received_at, 5), **quality,
                       "frames_received": frame.session.frames_received,
                       "frames_dropped": frame.session.frames_dropped,
-                      "input": frame.geometry, "processor": self.processor.name}
+                      "input": frame.geometry, "processor": self.processor.name,
+                      "compute_device": self.processor.device}
             frame.session.send([msgs.report_message(report, DEVICE_REPORT, frame.timestamp)])
         except ConnectionClosed as exc:
             log.info("client %s left before its result was sent (%s)", frame.session.conn.peer, exc)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepnav.errors import InputError
 from deepnav.progress import CancelToken, ProgressCallback, print_progress
 from deepnav.torch_runtime import seed_everything
 from MRUSFusionLib import losses
@@ -264,3 +265,33 @@ def train(
     model.load_state_dict(best_state["model"])
     model.eval()
     return model, {"history": history, "best": best, "config": config.to_json()}
+
+
+def split_frames(samples: list, val_frames: int) -> tuple[list, list, list[int]]:
+    """Per-patient split of one recorded sequence: `val_frames` validation frames spread over it
+    (every k-th, so they cover the breathing cycle), the rest for training."""
+    if len(samples) <= val_frames:
+        raise InputError(f"{len(samples)} US frames: need more than the {val_frames} kept for validation")
+    step = len(samples) / val_frames
+    val_idx = sorted({int(step * (i + 0.5)) for i in range(val_frames)})
+    return [s for i, s in enumerate(samples) if i not in val_idx], [samples[i] for i in val_idx], val_idx
+
+
+def train_and_save(train_samples: list[Sample], val_samples: list[Sample], out_dir: Path, config: TrainConfig, *,
+                   source: dict, device: torch.device | None = None, resume: bool = False,
+                   init_state: dict | None = None, progress: ProgressCallback = print_progress,
+                   cancel: CancelToken | None = None) -> tuple[Path, dict]:
+    """`train`, then the best model as `model.pt` (TorchScript) and `model.pt2` (torch.export)
+    with a record of the data, loss and best validation: the command line's and the Slicer
+    module's one way to make a model."""
+    from MRUSFusionLib import model_io
+
+    w = config.weights
+    metadata = {"training": {**source, "config": config.to_json(),
+                             "loss": f"{w.label} * label + {w.mind} * MIND + {w.smooth} * smoothness"}}
+    model, info = train(train_samples, val_samples, out_dir, config, device=device, resume=resume,
+                        progress=progress, cancel=cancel, metadata=metadata, init_state=init_state)
+    metadata["training"]["best"] = info["best"]
+    path = model_io.save_torchscript(model, out_dir / "model.pt", metadata)
+    model_io.save_exported(model, out_dir / "model.pt2", metadata)
+    return path, info
