@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import vtk
 
 from conftest import oblique_volume, smooth_image
+from deepnav.imaging import rotation_matrix
 
 slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):  # the unrelated PyPI package also named `slicer`
@@ -184,3 +185,78 @@ def test_segmentation_to_labelmap_on_the_reference_grid():
     back = mrml.labelmap_from_segmentation(segmentation, reference)
     assert back.same_grid(volume)
     np.testing.assert_array_equal(back.array, label)
+
+
+def test_grid_transform_node_is_updated_in_place():
+    grid_volume = oblique_volume(np.zeros((12, 14, 16), np.float32), spacing=(2.0, 2.5, 3.0))
+    first, second = smooth_field(grid_volume), smooth_field(grid_volume)
+    second = sitk.Compose(*[sitk.VectorIndexSelectionCast(second, c) * 2.0 for c in range(3)])
+    second.CopyInformation(first)
+    scene = slicer.vtkMRMLScene()
+    node = mrml.grid_transform_from_field(scene, "deformation", first)
+    child = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "US")
+    child.SetAndObserveTransformNodeID(node.GetID())
+    again = mrml.grid_transform_from_field(scene, "deformation", second)
+    assert again is node and child.GetParentTransformNode() is node
+    assert scene.GetNumberOfNodesByClass("vtkMRMLGridTransformNode") == 1
+    p = inside_points(grid_volume, n=5)
+    flip = np.array([-1.0, -1.0, 1.0])
+    itk = sitk.DisplacementFieldTransform(sitk.Image(second))
+    moved = np.array([node.GetTransformFromParent().TransformPoint((q * flip).tolist()) for q in p]) * flip
+    np.testing.assert_allclose(moved, [itk.TransformPoint(q.tolist()) for q in p], atol=1e-4)
+
+
+def test_live_fusion_outputs_put_the_us_onto_the_mr(patient, shipped_model):
+    """What the MRUSFusion module builds from a live result: the US volume node under
+    [initial alignment (from fiducials) -> deformation] is shown where the registration maps it.
+    The US arrives 12 mm and 8 degrees off; fiducials on four landmarks align it; the MR
+    landmarks then map into the US node's own frame exactly as the Lib's transforms map them."""
+    from MRUSFusionLib import fields
+    from MRUSFusionLib.alignment import prealign, rigid_from_fiducials
+    from MRUSFusionLib.registration import register
+
+    frame = patient.frames[0]
+    off = np.eye(4)
+    off[:3, :3] = rotation_matrix(np.deg2rad([0.0, 8.0, 0.0]))
+    off[:3, 3] = [12.0, 0.0, -5.0]
+    us = prealign(frame.image, off)  # the US as it arrives: its points moved by off^-1
+    us_landmarks = frame.landmarks_lps @ np.linalg.inv(off)[:3, :3].T + np.linalg.inv(off)[:3, 3]
+    flip = np.array([-1.0, -1.0, 1.0])
+
+    scene = slicer.vtkMRMLScene()
+    us_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "US")
+    mrml.update_node_from_volume(us_node, us)
+    mr_points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MR fiducials")
+    us_points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "US fiducials")
+    slicer.util.updateMarkupsControlPointsFromArray(mr_points, patient.landmarks_lps[:4] * flip)
+    slicer.util.updateMarkupsControlPointsFromArray(us_points, us_landmarks[:4] * flip)
+    alignment = rigid_from_fiducials(mrml.points_from_markups(mr_points), mrml.points_from_markups(us_points, us_node))
+    assert alignment.fre_mm < 3.0  # the breathing deformation is not rigid
+
+    result = register(shipped_model, patient.mr, prealign(mrml.volume_from_node(us_node), alignment.matrix_lps),
+                      liver=patient.liver)
+    rigid_to_parent = fields.resampling_to_parent_ras(fields.linear_to_matrix(result.rigid_transform()))
+    rigid = mrml.linear_transform(scene, "rigid", rigid_to_parent)
+    deformation = mrml.grid_transform_from_field(scene, "deformation",
+                                                 fields.displacement_to_lps_image(result.disp_ijk, result.grid))
+    initial = mrml.linear_transform(scene, "initial alignment", fields.resampling_to_parent_ras(alignment.matrix_lps))
+    mrml.place_under(us_node, initial, deformation)
+    assert rigid.GetParentTransformNode() is None
+
+    # the US fiducials, now under transforms, are still read in the US's own frame
+    us_points.SetAndObserveTransformNodeID(initial.GetID())
+    np.testing.assert_allclose(mrml.points_from_markups(us_points, us_node), us_landmarks[:4], atol=1e-4)
+
+    world_to_us = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, initial, world_to_us)
+    inside = np.all(np.abs(result.grid.lps_to_index(patient.landmarks_lps) - 63.5) < 60, axis=1)
+    mr_landmarks = patient.landmarks_lps[inside]
+    in_us_frame = np.array([world_to_us.TransformPoint((p * flip).tolist()) for p in mr_landmarks]) * flip
+    expected = fields.transform_points(fields.displacement_transform(
+        fields.displacement_to_lps_image(result.disp_ijk, result.grid)), mr_landmarks)
+    expected = expected @ alignment.matrix_lps[:3, :3].T + alignment.matrix_lps[:3, 3]
+    np.testing.assert_allclose(in_us_frame, expected, atol=0.05)
+    # and the alignment did its job: from ~15 mm off to the registration's few millimetres
+    error_before = np.linalg.norm(mr_landmarks - us_landmarks[inside], axis=1)
+    error_after = np.linalg.norm(in_us_frame - us_landmarks[inside], axis=1)
+    assert np.median(error_before) > 10.0 and np.median(error_after) < 8.0

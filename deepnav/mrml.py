@@ -81,6 +81,13 @@ def _node(scene, class_name: str, name: str):
     return node if node is not None else scene.AddNewNodeByClass(class_name, name)
 
 
+def volume_node(scene, name: str, volume: Volume, class_name: str = "vtkMRMLScalarVolumeNode"):
+    """A volume node holding `volume` (voxels and geometry), updated in place on reruns."""
+    node = _node(scene, class_name, name)
+    update_node_from_volume(node, volume)
+    return node
+
+
 def closed_curve(scene, name: str, points_ras: np.ndarray):
     node = _node(scene, "vtkMRMLMarkupsClosedCurveNode", name)
     slicer.util.updateMarkupsControlPointsFromArray(node, np.asarray(points_ras, dtype=np.float64))
@@ -136,9 +143,10 @@ def grid_transform_from_field(scene, name: str, field_lps: sitk.Image):
     mm vectors, resampling convention x_moving = x_fixed + u(x_fixed)). That convention is what
     Slicer calls *from parent* (parent = fixed = MR): put the moving image (US) under this node and
     Slicer shows it resampled onto the MR. Geometry and vectors are converted to RAS; the grid is
-    interpolated linearly, as SimpleITK's DisplacementFieldTransform does."""
-    flip = np.array([-1.0, -1.0, 1.0])
-    vectors = sitk.GetArrayFromImage(field_lps).astype(np.float64) * flip  # (k, j, i, 3) RAS
+    interpolated linearly, as SimpleITK's DisplacementFieldTransform does. A rerun (each live
+    frame) updates the same node, so whatever is placed under it stays there."""
+    flip = np.array([-1.0, -1.0, 1.0], np.float32)
+    vectors = sitk.GetArrayFromImage(field_lps).astype(np.float32) * flip  # (k, j, i, 3) RAS; float32 halves the copy
     image = vtk.vtkImageData()
     image.SetDimensions(*field_lps.GetSize())
     image.SetSpacing(*field_lps.GetSpacing())
@@ -155,12 +163,28 @@ def grid_transform_from_field(scene, name: str, field_lps: sitk.Image):
     return node
 
 
-def points_from_markups(node) -> np.ndarray:
-    """A markups node's control points (N, 3) in LPS mm (world, i.e. with its parent transforms)."""
+def points_from_markups(node, frame_of=None) -> np.ndarray:
+    """A markups node's control points (N, 3) in LPS mm: in world coordinates (with the
+    markups' parent transforms), or in the local frame of node `frame_of` (a volume that may sit
+    under transforms: where the points are in its own, untransformed coordinates)."""
     if node is None or node.GetNumberOfControlPoints() == 0:
-        raise InputError("no points placed")
+        raise InputError(f"no points placed{' in ' + node.GetName() if node is not None else ''}")
     points = np.array([node.GetNthControlPointPositionWorld(n) for n in range(node.GetNumberOfControlPoints())])
+    parent = frame_of.GetParentTransformNode() if frame_of is not None else None
+    if parent is not None:
+        world_to_local = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, parent, world_to_local)
+        points = np.array([world_to_local.TransformPoint(p.tolist()) for p in points])
     return points * np.array([-1.0, -1.0, 1.0])
+
+
+def place_under(node, *transforms) -> None:
+    """Put `node` under the chain of transform nodes, innermost first: node -> transforms[0] ->
+    transforms[1] -> ... -> world (None entries are skipped)."""
+    chain = [node] + [t for t in transforms if t is not None]
+    for child, parent in zip(chain[:-1], chain[1:], strict=True):
+        child.SetAndObserveTransformNodeID(parent.GetID())
+    chain[-1].SetAndObserveTransformNodeID(None)
 
 
 def labelmap_from_segmentation(segmentation_node, reference_node, segment_id: str | None = None) -> Volume:
