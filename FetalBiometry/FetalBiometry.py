@@ -51,24 +51,11 @@ class FetalBiometryParameterNode:
 
 
 def ensure_dependencies() -> None:
-    """PyTorch through the PyTorch extension, scikit-image through pip: both on first use, with
-    the user's confirmation, never at import time."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            raise RuntimeError(_("FetalBiometry needs the PyTorch extension: install it from the Extensions Manager.")) from None
-        if not slicer.util.confirmOkCancelDisplay(_("FetalBiometry needs PyTorch. Install it now (a large download)?")):
-            raise RuntimeError(_("PyTorch is required")) from None
-        PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
-    try:
-        import skimage  # noqa: F401
-    except ImportError:
-        if not slicer.util.confirmOkCancelDisplay(_("FetalBiometry needs scikit-image. Install it now?")):
-            raise RuntimeError(_("scikit-image is required")) from None
-        slicer.util.pip_install("scikit-image>=0.25,<0.27")
+    """PyTorch and scikit-image, on first use (see deepnav.slicer_dependencies)."""
+    from deepnav.slicer_dependencies import ensure_package, ensure_torch
+
+    ensure_torch("FetalBiometry")
+    ensure_package("skimage", "scikit-image>=0.25,<0.27", "FetalBiometry")
 
 
 class FetalBiometryWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
