@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, ROOT / "MRUSFusion", ROOT / "FetalBiometry"):
+for path in (ROOT, ROOT / "MRUSFusion", ROOT / "FetalBiometry", ROOT / "LiverLesionSeg"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

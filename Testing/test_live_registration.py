@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from deepnav.errors import InputError
-from deepnav.imaging import rotation_matrix
+from deepnav.imaging import matrix_to_affine, rotation_matrix
 from deepnav.progress import BackgroundTask, Cancelled
 from MRUSFusionLib import fields
 from MRUSFusionLib import igtl_messages as msgs
@@ -59,7 +59,7 @@ def test_prealigned_us_registers_as_the_us_through_the_alignment(patient, shippe
     t = known_rigid((2.0, 1.0, -3.0), (6.0, 4.0, -5.0))
     moved = prealign(us, np.linalg.inv(t))  # a US that the alignment t brings back
     via_initial = register(shipped_model, patient.mr, moved, liver=patient.liver,
-                           initial=fields.matrix_to_affine(np.linalg.inv(t)))
+                           initial=matrix_to_affine(np.linalg.inv(t)))
     via_geometry = register(shipped_model, patient.mr, prealign(moved, np.linalg.inv(t)), liver=patient.liver)
     np.testing.assert_allclose(via_geometry.pair.moving, via_initial.pair.moving, atol=1e-4)
     points = patient.landmarks_lps

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import vtk
 
 from conftest import oblique_volume, smooth_image
-from deepnav.imaging import rotation_matrix
+from deepnav.imaging import linear_to_matrix, rotation_matrix
 
 slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):  # the unrelated PyPI package also named `slicer`
@@ -235,7 +235,7 @@ def test_live_fusion_outputs_put_the_us_onto_the_mr(patient, shipped_model):
 
     result = register(shipped_model, patient.mr, prealign(mrml.volume_from_node(us_node), alignment.matrix_lps),
                       liver=patient.liver)
-    rigid_to_parent = fields.resampling_to_parent_ras(fields.linear_to_matrix(result.rigid_transform()))
+    rigid_to_parent = fields.resampling_to_parent_ras(linear_to_matrix(result.rigid_transform()))
     rigid = mrml.linear_transform(scene, "rigid", rigid_to_parent)
     deformation = mrml.grid_transform_from_field(scene, "deformation",
                                                  fields.displacement_to_lps_image(result.disp_ijk, result.grid))

@@ -25,9 +25,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
 import torch  # noqa: E402
 
 from deepnav.progress import print_progress  # noqa: E402
-from deepnav.torch_runtime import configure_threads  # noqa: E402
+from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 from MRUSFusionLib import dataset, losses, model_io, training  # noqa: E402
-from MRUSFusionLib.evaluation import evaluate, machine_description  # noqa: E402
+from MRUSFusionLib.evaluation import evaluate  # noqa: E402
 from MRUSFusionLib.networks import Cascade  # noqa: E402
 
 READINGS = {"A_mind_main": losses.LossWeights(label=0.01, mind=100.0, smooth=1.0),

@@ -23,9 +23,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from deepnav.torch_runtime import configure_threads  # noqa: E402
+from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 from MRUSFusionLib import model_io, training  # noqa: E402
-from MRUSFusionLib.evaluation import landmark_errors, machine_description  # noqa: E402
+from MRUSFusionLib.evaluation import landmark_errors  # noqa: E402
 from MRUSFusionLib.phantom import make_patient  # noqa: E402
 from MRUSFusionLib.preprocess import prepare_pair  # noqa: E402
 from MRUSFusionLib.registration import register_pair  # noqa: E402

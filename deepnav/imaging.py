@@ -208,3 +208,21 @@ def rotation_matrix(angles_rad) -> np.ndarray:
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def linear_to_matrix(transform: sitk.Transform) -> np.ndarray:
+    """A linear ITK transform (affine, Euler, versor...) with its centre folded in: the 4x4
+    matrix of p -> M (p - c) + c + t."""
+    m = np.eye(4)
+    m[:3, :3] = np.array(transform.GetMatrix()).reshape(3, 3)
+    centre = np.array(transform.GetCenter())
+    m[:3, 3] = np.array(transform.GetTranslation()) + centre - m[:3, :3] @ centre
+    return m
+
+
+def matrix_to_affine(matrix: np.ndarray) -> sitk.AffineTransform:
+    """A 4x4 LPS matrix as an ITK affine (centre at the origin)."""
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(matrix[:3, :3].ravel().tolist())
+    transform.SetTranslation(matrix[:3, 3].tolist())
+    return transform

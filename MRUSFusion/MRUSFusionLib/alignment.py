@@ -17,8 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from deepnav.errors import InputError
-from deepnav.imaging import Volume
-from MRUSFusionLib import fields
+from deepnav.imaging import Volume, linear_to_matrix, matrix_to_affine
 
 MIN_SPREAD_MM = 5.0  # the points must span a plane: second singular value of the centred set
 
@@ -34,7 +33,7 @@ class Alignment:
         return float(np.sqrt(np.mean(self.residuals_mm**2)))
 
     def transform(self) -> sitk.AffineTransform:
-        return fields.matrix_to_affine(self.matrix_lps)
+        return matrix_to_affine(self.matrix_lps)
 
 
 def rigid_from_fiducials(mr_points_lps: np.ndarray, us_points_lps: np.ndarray) -> Alignment:
@@ -54,7 +53,7 @@ def rigid_from_fiducials(mr_points_lps: np.ndarray, us_points_lps: np.ndarray) -
             raise InputError(f"the {what} points lie (almost) on a line: spread them over the liver")
     initializer = sitk.LandmarkBasedTransformInitializer(
         sitk.VersorRigid3DTransform(), mr.ravel().tolist(), us.ravel().tolist())
-    matrix = fields.linear_to_matrix(sitk.VersorRigid3DTransform(initializer))
+    matrix = linear_to_matrix(sitk.VersorRigid3DTransform(initializer))
     residuals = np.linalg.norm(mr @ matrix[:3, :3].T + matrix[:3, 3] - us, axis=1)
     return Alignment(matrix, residuals)
 

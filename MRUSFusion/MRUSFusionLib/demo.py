@@ -17,8 +17,8 @@ import numpy as np
 
 from deepnav.imaging import Volume, read_volume, resample_to_grid
 from deepnav.progress import ProgressCallback, print_progress
+from deepnav.torch_runtime import machine_description
 from MRUSFusionLib import igtl_messages as msgs
-from MRUSFusionLib.evaluation import machine_description
 from MRUSFusionLib.fields import displacement_transform, transform_points
 from MRUSFusionLib.igtl_messages import DEVICE_FIELD, DEVICE_WARPED
 from MRUSFusionLib.model_io import LoadedModel

@@ -10,9 +10,6 @@ Initial TRE uses the identity (the coarse alignment), rigid TRE the rigid stage 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from deepnav.progress import ProgressCallback, print_progress
+from deepnav.torch_runtime import machine_description
 from MRUSFusionLib.baseline import BaselineSettings, register_classical
 from MRUSFusionLib.dataset import TRAINING_SEED_BASE
 from MRUSFusionLib.fields import resample_with, transform_points
@@ -140,13 +138,6 @@ def evaluate(model: LoadedModel, cases: int, seed: int, *, frames: int = 2, base
                      "model": str(model.path), "model_metadata": model.metadata},
         "machine": machine_description(),
     }
-
-
-def machine_description() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def format_table(report: dict) -> str:

@@ -38,28 +38,10 @@ def rigid_to_lps(matrix_ijk: np.ndarray, grid: Volume) -> sitk.AffineTransform:
     return transform
 
 
-def linear_to_matrix(transform: sitk.Transform) -> np.ndarray:
-    """A linear ITK transform (affine, Euler, versor...) with its centre folded in: the 4x4
-    matrix of p -> M (p - c) + c + t."""
-    m = np.eye(4)
-    m[:3, :3] = np.array(transform.GetMatrix()).reshape(3, 3)
-    centre = np.array(transform.GetCenter())
-    m[:3, 3] = np.array(transform.GetTranslation()) + centre - m[:3, :3] @ centre
-    return m
-
-
 def resampling_to_parent_ras(matrix_lps: np.ndarray) -> np.ndarray:
     """A linear map in our convention (4x4, fixed/MR LPS point -> moving/US LPS point) as the RAS
     to-parent matrix Slicer applies to the moving volume to bring it onto the fixed one."""
     return LPS_TO_RAS @ np.linalg.inv(matrix_lps) @ LPS_TO_RAS
-
-
-def matrix_to_affine(matrix: np.ndarray) -> sitk.AffineTransform:
-    """A 4x4 LPS matrix as an ITK affine (centre at the origin)."""
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(matrix[:3, :3].ravel().tolist())
-    transform.SetTranslation(matrix[:3, 3].tolist())
-    return transform
 
 
 def transform_points(transform: sitk.Transform, points_lps: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import pyigtl
 import SimpleITK as sitk
 
 from deepnav.errors import InputError
-from deepnav.imaging import LPS_TO_RAS, Volume
+from deepnav.imaging import LPS_TO_RAS, Volume, linear_to_matrix
 from MRUSFusionLib import fields
 
 STATUS_OK = 1
@@ -118,7 +118,7 @@ def image_to_field(message: pyigtl.ImageMessage) -> sitk.Image:
 def rigid_to_parent_ras(rigid_lps: sitk.AffineTransform) -> np.ndarray:
     """Our rigid transform (MR LPS point -> US LPS point, resampling convention) as the RAS
     to-parent matrix Slicer applies to the US volume to bring it onto the MR."""
-    return fields.resampling_to_parent_ras(fields.linear_to_matrix(rigid_lps))
+    return fields.resampling_to_parent_ras(linear_to_matrix(rigid_lps))
 
 
 def transform_message(matrix_ras: np.ndarray, device: str, timestamp: float) -> pyigtl.TransformMessage:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from deepnav.imaging import Volume, resample_to_grid
-from MRUSFusionLib.evaluation import machine_description
+from deepnav.torch_runtime import machine_description
 from MRUSFusionLib.model_io import LoadedModel
 from MRUSFusionLib.phantom import make_patient
 from MRUSFusionLib.scanner import latency_summary, stream

@@ -1,0 +1,107 @@
+"""The multi-phase lesion simulator and the phase registration (LiverLesionSeg)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from LiverLesionSegLib.abdomen import load_abdomen, synthetic_abdomen
+from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk, resample_phase, transform_error_mm
+from LiverLesionSegLib.simulator import simulate_case
+
+from conftest import ROOT
+from deepnav.errors import InputError
+
+DATA = ROOT.parent / "shared" / "data" / "abdomen"
+
+
+@pytest.fixture(scope="module")
+def case():
+    return simulate_case(synthetic_abdomen(1), 5, phases=("arterial", "venous", "plain", "delayed"), spacing=(3, 3, 3))
+
+
+def liver_points(case):
+    k, j, i = np.nonzero(case.liver.array)
+    return case.liver.index_to_lps(np.stack([i, j, k], axis=1).astype(float))
+
+
+def test_same_seed_same_case(case):
+    again = simulate_case(synthetic_abdomen(1), 5, phases=("arterial", "venous", "plain", "delayed"), spacing=(3, 3, 3))
+    for phase in case.phases:
+        np.testing.assert_array_equal(again.phases[phase].array, case.phases[phase].array)
+    np.testing.assert_array_equal(again.lesions.array, case.lesions.array)
+
+
+def test_labels_are_exact_and_inside_the_liver(case):
+    ids = case.lesions.array
+    assert sorted(np.unique(ids[ids > 0])) == [lesion.label for lesion in case.lesion_list]
+    assert np.all(case.liver.array[ids > 0] == 1)
+    assert case.reference == "arterial" and np.allclose(case.truth["arterial"], np.eye(4))
+    for phase, volume in case.phases.items():
+        assert volume.same_grid(case.lesions) and volume.array.dtype == np.int16, phase
+
+
+def test_lesions_enhance_by_kind_across_phases():
+    """Each kind's signature against the surrounding liver, in the reference frame (no motion)."""
+    abdomen = synthetic_abdomen(2)
+    contrast = {}
+    for seed in range(12):
+        for phase in ("arterial", "venous", "delayed", "plain"):
+            c = simulate_case(abdomen, seed, phases=(phase,), spacing=(3, 3, 3), lesions=(2, 3))
+            image, ids = c.phases[phase].array.astype(float), c.lesions.array
+            liver = np.median(image[(c.liver.array > 0) & (ids == 0)])
+            for lesion in c.lesion_list:
+                inside = ids == lesion.label
+                if inside.sum() >= 20:
+                    contrast.setdefault((lesion.kind, phase), []).append(np.median(image[inside]) - liver)
+    median = {key: float(np.median(v)) for key, v in contrast.items()}
+    assert median[("hypervascular", "arterial")] > 30 and median[("hypervascular", "venous")] < -10
+    assert all(median[("cyst", p)] < -30 for p in ("arterial", "venous", "delayed"))
+    assert median[("metastasis", "venous")] < -30
+    assert median[("haemangioma", "delayed")] > median[("haemangioma", "arterial")]  # centripetal filling
+
+
+def test_unknown_phase_is_refused():
+    with pytest.raises(ValueError, match="unknown phases"):
+        simulate_case(synthetic_abdomen(0), 0, phases=("arterial", "hepatobiliary"))
+
+
+@pytest.mark.skipif(not (DATA / "example_ct.nii.gz").exists(), reason="../shared/data/abdomen not present")
+def test_real_abdomen_labels_are_put_on_the_liver():
+    abdomen = load_abdomen(DATA / "example_ct.nii.gz", DATA / "example_seg.nii.gz")
+    liver_hu = abdomen.ct.array[abdomen.mask("liver")]
+    assert abdomen.z_offset == 82
+    assert 30 < np.median(liver_hu) < 70 and np.percentile(liver_hu, 1) > -100  # parenchyma, no air
+
+
+def test_swarm_then_powell_recovers_the_known_misalignment(case):
+    points = liver_points(case)
+    results = {}
+    for phase in ("venous", "delayed"):
+        truth = case.truth[phase]
+        results[phase] = result = register_phase(case.phases["arterial"], case.phases[phase], particles=12, iterations=10)
+        assert transform_error_mm(np.eye(4), truth, points) > 2.0
+        assert transform_error_mm(result.matrix_lps, truth, points) < 0.5, phase
+        assert result.mi_after > result.mi_before
+    # resampled through the result, the venous phase lines up with the reference
+    reference, venous = case.phases["arterial"], case.phases["venous"]
+    body = reference.array > -500
+    before = resample_phase(venous, reference, np.eye(4)).array[body]
+    after = resample_phase(venous, reference, results["venous"].matrix_lps).array[body]
+    corr = [np.corrcoef(x, reference.array[body])[0, 1] for x in (before, after)]
+    assert corr[1] > corr[0] + 0.1
+
+
+def test_classical_baseline_also_registers(case):
+    result = register_phase_sitk(case.phases["arterial"], case.phases["venous"])
+    assert transform_error_mm(result.matrix_lps, case.truth["venous"], liver_points(case)) < 1.0
+
+
+def test_registration_is_time_bounded_and_refuses_non_ct(case):
+    t0 = time.monotonic()
+    result = register_phase(case.phases["arterial"], case.phases["venous"], time_limit_s=0.5)
+    assert time.monotonic() - t0 < 5.0 and result.matrix_lps.shape == (4, 4)
+    blank = case.phases["venous"].with_array(np.zeros_like(case.phases["venous"].array))
+    with pytest.raises(InputError, match="Hounsfield"):
+        register_phase(case.phases["arterial"], blank)
