@@ -260,3 +260,30 @@ def test_live_fusion_outputs_put_the_us_onto_the_mr(patient, shipped_model):
     error_before = np.linalg.norm(mr_landmarks - us_landmarks[inside], axis=1)
     error_after = np.linalg.norm(in_us_frame - us_landmarks[inside], axis=1)
     assert np.median(error_before) > 10.0 and np.median(error_after) < 8.0
+
+
+def test_lesion_labels_become_named_segments_and_centres_become_points():
+    """LiverLesionSeg's outputs: one segment per lesion (with terminology), exported back exactly."""
+    volume = oblique_volume(np.zeros((8, 9, 10), np.float32), spacing=(0.8, 0.8, 2.5))
+    labels = np.zeros(volume.array.shape, np.uint16)
+    labels[1:3, 1:4, 1:4], labels[5:7, 5:8, 5:9] = 1, 2
+    scene = slicer.vtkMRMLScene()
+    reference = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    mrml.update_node_from_volume(reference, volume)
+    mass = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered "
+            "Structure~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^")
+    node = mrml.segmentation_from_labels(scene, "lesions", volume.with_array(labels),
+                                         {1: ("Lesion 1", mass), 2: ("Lesion 2", None)})
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(2)] == ["Lesion 1", "Lesion 2"]
+    terminology = vtk.reference("")
+    assert segmentation.GetNthSegment(0).GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+    assert str(terminology) == mass
+    for n, expected in enumerate((labels == 1, labels == 2)):
+        back = mrml.labelmap_from_segmentation(node, reference, segmentation.GetNthSegmentID(n))
+        np.testing.assert_array_equal(back.array, expected.astype(np.uint8))
+    again = mrml.segmentation_from_labels(scene, "lesions", volume.with_array(labels), {2: ("Lesion", None)})
+    assert again is node and segmentation.GetNumberOfSegments() == 1
+    points = mrml.fiducials(scene, "lesion centres", np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), ["1", "2"])
+    assert points.GetNthControlPointLabel(1) == "2"
+    np.testing.assert_allclose(mrml.points_from_markups(points), [[-1.0, -2.0, 3.0], [-4.0, -5.0, 6.0]])

@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "LiverLesionSeg")]
 
 import numpy as np  # noqa: E402
-
-from deepnav.torch_runtime import machine_description  # noqa: E402
 from LiverLesionSegLib.abdomen import load_abdomen  # noqa: E402
 from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk, transform_error_mm  # noqa: E402
 from LiverLesionSegLib.simulator import simulate_case  # noqa: E402
+
+from deepnav.torch_runtime import machine_description  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "abdomen"
 MOTIONS = {"typical (3 deg, 6 mm)": (3.0, 6.0), "large (8 deg, 20 mm)": (8.0, 20.0)}
@@ -58,9 +58,10 @@ def main() -> int:
                 entry["error_mm"].append(error)
                 entry["seconds"].append(result.seconds)
             rows.append(row)
-            print(f"{label:22s} case {n}: initial {row['initial_mm']:5.2f} mm | PSO+Powell {row['pso+powell']['error_mm']:5.2f} mm "
-                  f"{row['pso+powell']['seconds']:5.1f} s | SimpleITK {row['sitk']['error_mm']:5.2f} mm {row['sitk']['seconds']:5.1f} s",
-                  flush=True)
+            ours, theirs = row["pso+powell"], row["sitk"]
+            print(f"{label:22s} case {n}: initial {row['initial_mm']:5.2f} mm | "
+                  f"PSO+Powell {ours['error_mm']:5.2f} mm {ours['seconds']:5.1f} s | "
+                  f"SimpleITK {theirs['error_mm']:5.2f} mm {theirs['seconds']:5.1f} s", flush=True)
         summary[label] = {"initial_mm": stats([r["initial_mm"] for r in rows if r["motion"] == label]),
                           **{name: {k: stats(v) for k, v in entry.items()} for name, entry in per_method.items()}}
     print(f"\n{'misalignment':22s}{'method':12s}{'error median':>14s}{'p90':>8s}{'max':>8s}{'time median':>13s}")

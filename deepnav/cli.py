@@ -20,7 +20,7 @@ def _module_path() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    for module in ("MRUSFusion", "FetalBiometry"):
+    for module in ("MRUSFusion", "FetalBiometry", "LiverLesionSeg"):
         path = str(root / module)
         if (root / module).is_dir() and path not in sys.path:
             sys.path.insert(0, path)
@@ -29,6 +29,7 @@ def _module_path() -> None:
 def build_parser() -> argparse.ArgumentParser:
     _module_path()
     from FetalBiometryLib import cli as fetal_cli
+    from LiverLesionSegLib import cli as liver_cli
 
     from MRUSFusionLib import cli as fusion_cli
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     modules = parser.add_subparsers(dest="module", required=True)
     fusion_cli.add_commands(modules.add_parser("fusion", help="MR / 3D-ultrasound fusion (MRUSFusion)"))
     fetal_cli.add_commands(modules.add_parser("fetal", help="fetal head biometry from 2D ultrasound (FetalBiometry)"))
+    liver_cli.add_commands(modules.add_parser("liver", help="multi-phase CT liver lesion segmentation (LiverLesionSeg)"))
     return parser
 
 

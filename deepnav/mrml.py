@@ -163,6 +163,41 @@ def grid_transform_from_field(scene, name: str, field_lps: sitk.Image):
     return node
 
 
+def segmentation_from_labels(scene, name: str, labels: Volume, segments: dict[int, tuple[str, str | None]]):
+    """A segmentation node with one segment per label value: {value: (segment name, terminology
+    entry or None)} (Slicer's serialized terminology string, e.g. liver; mass). Replaces the
+    segments of a node of the same name. Label values not in `segments` are left out."""
+    node = _node(scene, "vtkMRMLSegmentationNode", name)
+    node.GetSegmentation().RemoveAllSegments()
+    kept = np.where(np.isin(labels.array, list(segments)), labels.array, 0).astype(np.uint16)
+    if not kept.any():
+        return node
+    temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__deepnav_import__")
+    try:
+        update_node_from_volume(temporary, labels.with_array(kept))
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, node):
+            raise InputError(f"cannot import the label map into {name}")
+    finally:
+        scene.RemoveNode(temporary)
+    segmentation = node.GetSegmentation()
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(n)
+        title, terminology = segments[segment.GetLabelValue()]
+        segment.SetName(title)
+        if terminology:
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+    return node
+
+
+def fiducials(scene, name: str, points_ras: np.ndarray, labels: list[str]):
+    """A point list (RAS, world) with a label per point, updated in place on reruns."""
+    node = _node(scene, "vtkMRMLMarkupsFiducialNode", name)
+    slicer.util.updateMarkupsControlPointsFromArray(node, np.asarray(points_ras, dtype=np.float64).reshape(-1, 3))
+    for n, label in enumerate(labels):
+        node.SetNthControlPointLabel(n, label)
+    return node
+
+
 def points_from_markups(node, frame_of=None) -> np.ndarray:
     """A markups node's control points (N, 3) in LPS mm: in world coordinates (with the
     markups' parent transforms), or in the local frame of node `frame_of` (a volume that may sit

@@ -90,7 +90,7 @@ def _smooth_noise(shape, rng: np.random.Generator, sigma: float) -> np.ndarray:
     return noise / max(float(noise.std()), 1e-6)
 
 
-def _place_lesions(liver: np.ndarray, grid: Volume, rng: np.random.Generator, count: int
+def _place_lesions(liver: np.ndarray, grid: Volume, rng: np.random.Generator, count: int, kinds: tuple[str, ...]
                    ) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
     """Lesion ids (uint8) and a depth map (0 at a lesion's boundary, 1 at its centre), inside the liver."""
     spacing = grid.spacing[::-1]  # k, j, i
@@ -124,7 +124,7 @@ def _place_lesions(liver: np.ndarray, grid: Volume, rng: np.random.Generator, co
         ids[box][mask] = label
         depth[box][mask] = np.clip(d[mask] / max(float(d.max()), 1e-6), 0, 1)
         centre_lps = grid.index_to_lps(centre[::-1][None].astype(float))[0]
-        lesions.append(Lesion(label, KINDS[int(rng.integers(len(KINDS)))], centre_lps, 2 * radius))
+        lesions.append(Lesion(label, kinds[int(rng.integers(len(kinds)))], centre_lps, 2 * radius))
     return ids, depth, lesions
 
 
@@ -153,10 +153,11 @@ def random_rigid(rng: np.random.Generator, centre: np.ndarray, max_deg: float = 
 
 def simulate_case(abdomen: Abdomen, seed: int, phases: tuple[str, ...] = ("arterial", "venous"),
                   reference: str | None = None, spacing=(1.5, 1.5, 1.5), lesions: tuple[int, int] = (1, 4),
-                  margin_mm: float = 25.0, motion: tuple[float, float] = (3.0, 6.0)) -> Case:
+                  margin_mm: float = 25.0, motion: tuple[float, float] = (3.0, 6.0),
+                  kinds: tuple[str, ...] = KINDS) -> Case:
     """One simulated study. `reference` defaults to the first phase given (the method's example
     registers venous to arterial). `motion`: the largest misalignment of the other phases
-    (degrees per axis, mm per axis)."""
+    (degrees per axis, mm per axis). `kinds`: the lesion kinds drawn from."""
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise ValueError(f"unknown phases {sorted(unknown)}; known: {PHASES}")
@@ -165,7 +166,7 @@ def simulate_case(abdomen: Abdomen, seed: int, phases: tuple[str, ...] = ("arter
     grid = _case_grid(abdomen, spacing, margin_mm)
     plain, organs = _vary_anatomy(abdomen, grid, rng)
     liver = organs == LABELS["liver"]
-    ids, depth, lesion_list = _place_lesions(liver, grid, rng, int(rng.integers(lesions[0], lesions[1] + 1)))
+    ids, depth, lesion_list = _place_lesions(liver, grid, rng, int(rng.integers(lesions[0], lesions[1] + 1)), kinds)
     texture = _smooth_noise(plain.shape, rng, sigma=1.0)
     soft = {name: ndimage.gaussian_filter((organs == LABELS[name]).astype(np.float32), 0.7) for name in ENHANCEMENT}
     centre = grid.index_to_lps((np.array(grid.size_ijk)[None] - 1) / 2.0)[0]

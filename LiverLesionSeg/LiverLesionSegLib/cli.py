@@ -1,0 +1,197 @@
+"""`deepnav liver ...`: simulate multi-phase cases, train the lesion network, register phases."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from deepnav.errors import InputError
+from deepnav.progress import print_progress
+
+DEFAULT_ABDOMEN = Path(__file__).resolve().parents[3] / "shared" / "data" / "abdomen"
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write simulated multi-phase cases as an MSD-layout training folder")
+    p.add_argument("--cases", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0, help="case seeds are seed*1000 + n")
+    p.add_argument("--abdomen", type=Path, default=DEFAULT_ABDOMEN,
+                   help="folder with example_ct.nii.gz and example_seg.nii.gz (TotalSegmentator classes)")
+    p.add_argument("--synthetic-share", type=float, default=0.25,
+                   help="share of cases built on a synthetic abdomen instead (anatomical variety)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=_simulate)
+
+    p = sub.add_parser("train", help="train the lesion network on an MSD-layout folder (imagesTr, labelsTr)")
+    p.add_argument("data", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--val-cases", type=int, default=4)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("segment", help="segment the lesions of a study: lesions.nii.gz, liver.nii.gz, lesions.json/.csv")
+    p.add_argument("--phase", action="append", required=True, metavar="NAME=PATH[:SERIES_UID]",
+                   help="a phase (plain, arterial, venous, delayed) as an image file or DICOM folder; repeat per phase")
+    p.add_argument("--reference", help="phase whose frame the results are in (default: arterial, else venous)")
+    p.add_argument("--liver", type=Path, help="a liver mask on the reference phase's grid (default: the model's)")
+    p.add_argument("--registration", choices=["pso-powell", "sitk"], default="pso-powell")
+    p.add_argument("--model", type=Path)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=_segment)
+
+    p = sub.add_parser("evaluate", help="score the model on simulated studies never used in training")
+    p.add_argument("--cases", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--abdomen", type=Path, default=DEFAULT_ABDOMEN)
+    p.add_argument("--model", type=Path)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, required=True)
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("register", help="rigidly register one phase to another (PSO + Powell, or SimpleITK)")
+    p.add_argument("--reference", type=Path, required=True)
+    p.add_argument("--moving", type=Path, required=True)
+    p.add_argument("--method", choices=["pso-powell", "sitk"], default="pso-powell")
+    p.add_argument("--out", type=Path, required=True, help="transform file (.tfm/.h5): reference LPS -> moving LPS")
+    p.set_defaults(run=_register)
+
+
+def _abdomens(args):
+    from LiverLesionSegLib.abdomen import load_abdomen, synthetic_abdomen
+
+    real = None
+    if (args.abdomen / "example_ct.nii.gz").is_file():
+        real = load_abdomen(args.abdomen / "example_ct.nii.gz", args.abdomen / "example_seg.nii.gz")
+    else:
+        print_progress(0.0, f"no abdominal CT in {args.abdomen}: every case uses a synthetic abdomen")
+    return real, synthetic_abdomen
+
+
+def _abdomen_for_seed(args, synthetic_share: float):
+    """seed -> the abdomen a case is built on: the real CT, or (a share of cases) a synthetic one."""
+    import numpy as np
+
+    real, synthetic = _abdomens(args)
+
+    def pick(seed: int):
+        use_real = real is not None and np.random.default_rng([seed, 7]).random() >= synthetic_share
+        return real if use_real else synthetic(seed)
+
+    return pick
+
+
+def _simulate(args) -> int:
+    from LiverLesionSegLib.dataset import write_simulated
+    from LiverLesionSegLib.simulator import simulate_case
+
+    if not 0 <= args.seed < 1000 or args.cases > 1000:
+        raise InputError("--seed must be in 0..999 and --cases at most 1000 (higher seeds are kept for evaluation)")
+    abdomen_for = _abdomen_for_seed(args, args.synthetic_share)
+    for n in range(args.cases):
+        seed = args.seed * 1000 + n
+        abdomen = abdomen_for(seed)
+        use_real = abdomen.z_offset != 0
+        case = simulate_case(abdomen, seed, phases=("arterial", "venous", "plain", "delayed"))
+        write_simulated([case], args.out, start=n)
+        kinds = ", ".join(f"{lesion.kind} {lesion.diameter_mm:.0f} mm" for lesion in case.lesion_list)
+        print_progress((n + 1) / args.cases, f"case {n} ({'real' if use_real else 'synthetic'} abdomen): {kinds}")
+    print(f"wrote {args.cases} cases to {args.out}")
+    return 0
+
+
+def _train(args) -> int:
+    from deepnav.torch_runtime import configure_threads, pick_device
+    from LiverLesionSegLib.dataset import read_dataset
+    from LiverLesionSegLib.model_io import save_model
+    from LiverLesionSegLib.training import TrainConfig, train
+
+    configure_threads()
+    config = TrainConfig(seed=args.seed)
+    for name in ("epochs", "steps_per_epoch", "lr"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    cases = read_dataset(args.data, progress=print_progress)
+    if len(cases) <= args.val_cases:
+        raise InputError(f"{len(cases)} cases: need more than the {args.val_cases} kept for validation (--val-cases)")
+    model, normalisation, info = train(cases[:-args.val_cases], cases[-args.val_cases:], args.out, config,
+                                       device=pick_device(args.device), resume=args.resume)
+    path = save_model(model, normalisation, args.out / "model.pt", {"training": {
+        "data": str(args.data), "cases": [c.name for c in cases], "validation": [c.name for c in cases[-args.val_cases:]],
+        "config": info["config"], "best": info["best"]}})
+    print(f"best validation (epoch {info['best']['epoch'] + 1}): loss {info['best']['val_loss']:.4f}, "
+          f"lesion Dice {info['best']['val_lesion_dice']:.3f}; wrote {path}")
+    return 0
+
+
+def _load(args):
+    from deepnav.torch_runtime import configure_threads, describe_device
+    from LiverLesionSegLib.model_io import load_model
+
+    configure_threads()
+    model = load_model(args.model, args.device)
+    print_progress(0.0, f"model {model.path.name} on {describe_device(model.device)}")
+    return model
+
+
+def _segment(args) -> int:
+    from deepnav.imaging import read_volume
+    from LiverLesionSegLib.pipeline import read_phase, segment_study
+
+    phases = {}
+    for item in args.phase:
+        name, sep, rest = item.partition("=")
+        if not sep:
+            raise InputError(f"--phase wants NAME=PATH, got {item!r}")
+        path, _, uid = rest.partition(":") if not Path(rest).exists() else (rest, "", "")
+        if name in phases:
+            raise InputError(f"the {name} phase is given twice")
+        phases[name] = read_phase(Path(path), f"{name} phase", uid or None)
+    model = _load(args)
+    liver = read_volume(args.liver, what="liver mask") if args.liver else None
+    result = segment_study(model, phases, reference=args.reference, registration=args.registration, liver=liver,
+                           progress=print_progress)
+    paths = result.write(args.out)
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    print(f"{result.message()} (reference: {result.reference}; {sum(result.timings_s.values()):.1f} s)")
+    for key, path in paths.items():
+        print(f"  {key}: {path}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from LiverLesionSegLib.evaluation import evaluate, format_table, write_report
+
+    model = _load(args)
+    report = evaluate(model, _abdomen_for_seed(args, 0.25), args.cases, args.seed)
+    print(format_table(report))
+    write_report(report, args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def _register(args) -> int:
+    import SimpleITK as sitk
+
+    from deepnav.imaging import read_volume
+    from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk
+
+    reference = read_volume(args.reference, what="reference phase")
+    moving = read_volume(args.moving, what="moving phase")
+    run = register_phase if args.method == "pso-powell" else register_phase_sitk
+    result = run(reference.with_array(reference.array.astype("float32")), moving.with_array(moving.array.astype("float32")))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteTransform(result.transform(), str(args.out))
+    print(json.dumps({"method": result.method, "seconds": round(result.seconds, 2), "evaluations": result.evaluations,
+                      "mutual_information": {"before": result.mi_before, "after": result.mi_after},
+                      "matrix_lps": result.matrix_lps.round(5).tolist(), "transform": str(args.out)}, indent=2))
+    return 0

@@ -1,0 +1,40 @@
+"""The lesion network as a TorchScript file with its record: phases, working spacing and the
+training set's intensity normalisation (so inference needs no labels), and how it was trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from deepnav import model_files
+from deepnav.torch_runtime import pick_device
+from LiverLesionSegLib.network import CLASSES, PHASE_CHANNELS, LesionUNet
+from LiverLesionSegLib.preprocess import WORK_SPACING_MM, Normalisation
+
+MODEL_FORMAT = "deepnav.liverlesionseg.unet"
+MODEL_VERSION = 1
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "liverlesionseg_default.pt"
+
+
+class LoadedModel:
+    def __init__(self, module, record: dict, device: torch.device, path: Path):
+        self.module, self.record, self.device, self.path = module, record, device, path
+        self.normalisation = Normalisation.from_json(record["normalisation"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def save_model(model: LesionUNet, normalisation: Normalisation, path: Path, metadata: dict | None = None) -> Path:
+    record = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "phase_channels": list(PHASE_CHANNELS),
+              "classes": list(CLASSES), "spacing_mm": WORK_SPACING_MM, "normalisation": normalisation.to_json(),
+              **(metadata or {})}
+    return model_files.save_torchscript(model, path, record)
+
+
+def load_model(path: str | Path | None = None, device: str = "auto") -> LoadedModel:
+    path = Path(path) if path is not None else SHIPPED_MODEL
+    dev = pick_device(device)
+    module, record = model_files.load_archive(path, dev, MODEL_FORMAT, MODEL_VERSION, "liver lesion segmentation")
+    return LoadedModel(module, record, dev, path)

@@ -1,0 +1,148 @@
+"""One study in, lesions out: read the phases, register them to the reference phase, resample and
+normalise, segment with a sliding window, bring the result back to the reference phase's grid,
+separate and measure the lesions. The command line, the evaluation and the Slicer module all call
+`segment_study`."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from deepnav.errors import InputError
+from deepnav.imaging import Volume, read_volume, require_same_grid, write_volume
+from deepnav.progress import CancelToken, ProgressCallback, silent
+from LiverLesionSegLib.inference import predict_logits
+from LiverLesionSegLib.model_io import LoadedModel
+from LiverLesionSegLib.phase_registration import check_ct_hu, register_phase, register_phase_sitk
+from LiverLesionSegLib.preprocess import reference_phase, resample, working_grid
+from LiverLesionSegLib.simulator import PHASES
+from LiverLesionSegLib.statistics import label_lesions, lesion_statistics, write_statistics
+
+REGISTRATION = {"pso-powell": register_phase, "sitk": register_phase_sitk}
+
+
+@dataclasses.dataclass
+class StudyResult:
+    reference: str
+    lesions: Volume  # uint16 ids (one per lesion, largest first) on the reference phase's grid
+    liver: Volume  # uint8 liver (lesions included), reference grid
+    statistics: list[dict]
+    registration: dict[str, dict]  # phase -> matrix, mutual information, seconds, method
+    timings_s: dict[str, float]
+    warnings: list[str]
+
+    def write(self, out_dir: Path) -> dict[str, Path]:
+        paths = {"lesions": write_volume(self.lesions, out_dir / "lesions.nii.gz"),
+                 "liver": write_volume(self.liver, out_dir / "liver.nii.gz")}
+        files = write_statistics(self.statistics, out_dir, {
+            "reference_phase": self.reference, "registration": self.registration, "timings_s": self.timings_s,
+            "warnings": self.warnings, "message": self.message()})
+        return {**paths, "statistics": files["json"], "table": files["csv"]}
+
+    def message(self) -> str:
+        if not self.statistics:
+            return "no lesion found"
+        total = sum(r["volume_ml"] for r in self.statistics)
+        return f"{len(self.statistics)} lesion(s), {total:.1f} mL in total"
+
+
+def read_phase(path: Path, what: str, series_uid: str | None = None) -> Volume:
+    """A phase from an image file or a DICOM folder; a folder with several series needs `series_uid`."""
+    path = Path(path)
+    if not path.is_dir():
+        volume = read_volume(path, what=what)
+        return volume.with_array(volume.array.astype(np.float32))
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise InputError(f"{path} holds no DICOM series ({what})")
+    if series_uid is None and len(series) > 1:
+        listing = "; ".join(f"{uid} ({len(reader.GetGDCMSeriesFileNames(str(path), uid))} files)" for uid in series)
+        raise InputError(f"{path} holds {len(series)} DICOM series; say which is the {what}: {listing}")
+    uid = series_uid or series[0]
+    if uid not in series:
+        raise InputError(f"series {uid} is not in {path}")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), uid))
+    volume = Volume.from_sitk(reader.Execute())
+    return volume.with_array(volume.array.astype(np.float32))
+
+
+def segment_study(model: LoadedModel, phases: dict[str, Volume], *, reference: str | None = None,
+                  registration: str = "pso-powell", liver: Volume | None = None,
+                  progress: ProgressCallback = silent, cancel: CancelToken | None = None) -> StudyResult:
+    """Segment the lesions of a study given as {phase name: volume} (any grids and orientations)."""
+    unknown = set(phases) - set(PHASES)
+    if unknown or not phases:
+        raise InputError(f"phases must be named among {PHASES}; got {sorted(phases)}")
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    for name, volume in phases.items():
+        check_ct_hu(volume, f"the {name} phase")
+    reference = reference or reference_phase(phases)
+    if reference not in phases:
+        raise InputError(f"the reference phase {reference!r} is not among the phases given")
+    if len(phases) == 1:
+        warnings.append(f"single phase ({reference}): the network was trained for 2-4 phases; lesions that are only "
+                        "distinct in another phase may be missed")
+    ref = phases[reference]
+    if liver is not None:
+        require_same_grid(ref, liver, "liver mask")
+
+    t0 = time.perf_counter()
+    matrices, report = {reference: np.eye(4)}, {}
+    others = [p for p in phases if p != reference]
+    for n, name in enumerate(others):
+        progress(0.3 * n / max(len(others), 1), f"registering the {name} phase to the {reference} phase")
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        result = REGISTRATION[registration](ref, phases[name])
+        if result.mi_after < 0.05:
+            raise InputError(f"the {name} phase does not overlap the {reference} phase (mutual information "
+                             f"{result.mi_after:.3f} after registration)")
+        matrices[name] = result.matrix_lps
+        report[name] = {"method": result.method, "matrix_lps": result.matrix_lps.round(6).tolist(),
+                        "mutual_information_before": round(result.mi_before, 4),
+                        "mutual_information_after": round(result.mi_after, 4), "seconds": round(result.seconds, 2)}
+    timings["registration"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    grid = working_grid(ref)
+    hu = {name: resample(volume, grid, matrices[name]) for name, volume in phases.items()}
+    x = model.normalisation.apply(hu)
+    timings["preprocess"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    logits = predict_logits(model, x, model.device, cancel=cancel,
+                            progress=lambda f, m: progress(0.3 + 0.6 * f, m))
+    probabilities = torch.softmax(logits, dim=0).numpy()
+    timings["network"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    progress(0.9, "lesions on the reference grid")
+    # back to the reference grid as probabilities (linear), not as labels: no staircase from 1.5 mm
+    p_foreground = _to_reference(probabilities[1] + probabilities[2], grid, ref)
+    p_lesion = _to_reference(probabilities[2], grid, ref)
+    foreground = p_foreground > 0.5
+    lesion = foreground & (p_lesion > 0.5 * p_foreground)  # lesion more likely than liver
+    del p_foreground, p_lesion
+    liver_mask = foreground if liver is None else (liver.array > 0)
+    ids = label_lesions(lesion & liver_mask, ref)
+    registered = {name: (volume.array if name == reference else resample(volume, ref, matrices[name]))
+                  for name, volume in phases.items()}
+    rows = lesion_statistics(ids, ref, registered)
+    timings["lesions"] = time.perf_counter() - t0
+    progress(1.0, f"{len(rows)} lesion(s)")
+    return StudyResult(reference, ref.with_array(ids), ref.with_array((liver_mask | (ids > 0)).astype(np.uint8)),
+                       rows, report, {k: round(v, 3) for k, v in timings.items()}, warnings)
+
+
+def _to_reference(values: np.ndarray, grid: Volume, reference: Volume) -> np.ndarray:
+    """A float map on the working grid, linearly resampled onto the reference grid (0 outside)."""
+    out = sitk.Resample(grid.with_array(values.astype(np.float32)).to_sitk(), reference.to_sitk(), sitk.Transform(),
+                        sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)

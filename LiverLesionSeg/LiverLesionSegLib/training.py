@@ -1,0 +1,198 @@
+"""Training the lesion network on an MSD-layout folder: patches, the method's augmentations,
+focal + Dice loss, Adam, a validation loss per epoch on whole cases (sliding window), the
+lowest-validation-loss weights kept, resumable checkpoints, seeds.
+
+Patches are 64^3 voxels (96 mm at 1.5 mm); two in three are centred on a lesion voxel (lesions
+are a small share of the liver, as nnU-Net oversamples foreground). Phase dropout (each present
+phase zeroed with probability 0.3, at least one kept) teaches the network to work on any subset
+of phases, so that one model serves 1 to 4 phases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.losses import DiceFocalLoss
+
+from deepnav.progress import CancelToken, ProgressCallback, print_progress
+from deepnav.torch_runtime import seed_everything
+from LiverLesionSegLib.dataset import TrainingCase
+from LiverLesionSegLib.inference import predict_logits
+from LiverLesionSegLib.network import LesionUNet
+from LiverLesionSegLib.preprocess import Normalisation
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 30
+    steps_per_epoch: int = 40
+    batch: int = 2
+    patch: int = 64
+    lr: float = 3e-4
+    lesion_fraction: float = 0.67
+    phase_drop: float = 0.3
+    focal_weight: float = 1.0  # the method's a
+    dice_weight: float = 1.0  # the method's b
+    lesion_class_weight: float = 3.0  # the focal term's foreground (lesion) weight
+    gamma: float = 2.0
+    width: int = 8
+    seed: int = 0
+
+
+def make_loss(config: TrainConfig) -> DiceFocalLoss:
+    return DiceFocalLoss(include_background=False, to_onehot_y=True, softmax=True, gamma=config.gamma,
+                         weight=[1.0, config.lesion_class_weight], lambda_focal=config.focal_weight,
+                         lambda_dice=config.dice_weight)
+
+
+def augmentation(seed: int) -> mt.Compose:
+    """The method's list: scaling, Gaussian noise, Gaussian blur, brightness, contrast,
+    low-resolution simulation, gamma, mirroring (MONAI's implementations)."""
+    keys = ["image", "label"]
+    compose = mt.Compose([
+        mt.RandZoomd(keys, prob=0.3, min_zoom=0.85, max_zoom=1.15, mode=("trilinear", "nearest"), keep_size=True),
+        mt.RandGaussianNoised("image", prob=0.2, std=0.1),
+        mt.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        mt.RandScaleIntensityd("image", prob=0.2, factors=0.25),  # brightness
+        mt.RandStdShiftIntensityd("image", prob=0.2, factors=0.25),  # contrast
+        mt.RandSimulateLowResolutiond("image", prob=0.2, zoom_range=(0.5, 1.0)),
+        mt.RandAdjustContrastd("image", prob=0.2, gamma=(0.7, 1.5)),  # gamma
+        mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
+        mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
+        mt.RandFlipd(keys, prob=0.5, spatial_axis=2),
+    ])
+    compose.set_random_state(seed)
+    return compose
+
+
+def _patch(image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator, lesion: bool):
+    """A size^3 patch (padded where the case is smaller), centred on a lesion voxel or anywhere."""
+    shape = np.array(label.shape)
+    lesion_voxels = np.argwhere(label == 2) if lesion else np.empty((0, 3), int)
+    centre = lesion_voxels[rng.integers(len(lesion_voxels))] if len(lesion_voxels) else rng.integers(0, shape)
+    lo = np.clip(centre - size // 2, 0, np.maximum(shape - size, 0))
+    box = tuple(slice(a, a + size) for a in lo)
+    img, lab = image[(slice(None), *box)], label[box]
+    pad = [(0, max(0, size - n)) for n in lab.shape]
+    if any(p[1] for p in pad):
+        img = np.pad(img, [(0, 0), *pad])
+        lab = np.pad(lab, pad)
+    return img, lab
+
+
+def _drop_phases(image: np.ndarray, present: list[int], rng: np.random.Generator, p: float) -> np.ndarray:
+    keep = [c for c in present if rng.random() >= p] or [present[int(rng.integers(len(present)))]]
+    out = np.zeros_like(image)
+    out[keep] = image[keep]
+    return out
+
+
+def lesion_dice(prediction: np.ndarray, label: np.ndarray) -> float:
+    a, b = prediction == 2, label == 2
+    denominator = a.sum() + b.sum()
+    return 1.0 if denominator == 0 else float(2 * (a & b).sum() / denominator)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(".partial-" + path.name)
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_dir: Path, config: TrainConfig, *,
+          device: torch.device | None = None, resume: bool = False, progress: ProgressCallback = print_progress,
+          cancel: CancelToken | None = None) -> tuple[LesionUNet, Normalisation, dict]:
+    """Train; returns the lowest-validation-loss model, its normalisation and the history.
+    Writes `checkpoint.pt` (every epoch), `best.pt` and `history.json` into `out_dir`."""
+    if not train_cases or not val_cases:
+        raise ValueError("training needs at least one training and one validation case")
+    device = device or torch.device("cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    normalisation = Normalisation.fit({phase: [c.phases_hu[phase][c.label > 0] for c in train_cases if phase in c.phases_hu]
+                                       for phase in {p for c in train_cases for p in c.phases_hu}})
+    inputs = [(normalisation.apply(c.phases_hu), c.label) for c in train_cases]
+    present = [[n for n, v in enumerate(x) if np.any(v)] for x, _ in inputs]
+    model = LesionUNet(width=config.width).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loss_fn = make_loss(config)
+    history: list[dict] = []
+    best = {"val_loss": math.inf, "epoch": -1}
+    epoch0 = 0
+    checkpoint = out_dir / "checkpoint.pt"
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{checkpoint} is not a checkpoint of this version")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, epoch0 = state["history"], state["best"], state["epoch"] + 1
+        normalisation = Normalisation.from_json(state["normalisation"])
+        progress(epoch0 / config.epochs, f"resuming after epoch {epoch0} of {config.epochs}")
+    for epoch in range(epoch0, config.epochs):
+        rng = np.random.default_rng([config.seed, epoch])
+        augment = augmentation(config.seed * 1000 + epoch)
+        model.train()
+        t0, losses = time.perf_counter(), []
+        for step in range(config.steps_per_epoch):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            images, labels = [], []
+            for _ in range(config.batch):
+                n = int(rng.integers(len(inputs)))
+                image, label = _patch(*inputs[n], config.patch, rng, rng.random() < config.lesion_fraction)
+                image = _drop_phases(image, present[n], rng, config.phase_drop)
+                sample = augment({"image": torch.from_numpy(image), "label": torch.from_numpy(label[None].astype(np.float32))})
+                images.append(torch.as_tensor(sample["image"]))
+                labels.append(torch.as_tensor(sample["label"]))
+            x, y = torch.stack(images).float().to(device), torch.stack(labels).round().to(device)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if (step + 1) % 10 == 0:
+                progress((epoch + (step + 1) / config.steps_per_epoch) / config.epochs,
+                         f"epoch {epoch + 1}/{config.epochs} step {step + 1}: loss {np.mean(losses[-10:]):.4f}")
+        scores = validate(model, val_cases, normalisation, loss_fn, device, cancel)
+        record = {"epoch": epoch, "seconds": time.perf_counter() - t0, "train_loss": float(np.mean(losses)), **scores}
+        history.append(record)
+        progress((epoch + 1) / config.epochs,
+                 f"epoch {epoch + 1}/{config.epochs}: val loss {scores['val_loss']:.4f}, "
+                 f"lesion Dice {scores['val_lesion_dice']:.3f}, liver Dice {scores['val_liver_dice']:.3f}")
+        if scores["val_loss"] < best["val_loss"]:
+            best = {"epoch": epoch, **scores}
+            _save_atomic({"model": model.state_dict(), "epoch": epoch}, out_dir / "best.pt")
+        _save_atomic({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "epoch": epoch, "history": history, "best": best, "normalisation": normalisation.to_json(),
+                      "config": dataclasses.asdict(config)}, checkpoint)
+        (out_dir / "history.json").write_text(json.dumps({"config": dataclasses.asdict(config), "history": history,
+                                                          "best": best}, indent=2))
+    model.load_state_dict(torch.load(out_dir / "best.pt", map_location=device, weights_only=False)["model"])
+    return model.eval(), normalisation, {"history": history, "best": best, "config": dataclasses.asdict(config)}
+
+
+@torch.no_grad()
+def validate(model: LesionUNet, cases: list[TrainingCase], normalisation: Normalisation, loss_fn, device,
+             cancel: CancelToken | None = None) -> dict:
+    """Whole-case validation: mean loss, lesion and liver Dice (all phases given)."""
+    model.eval()
+    losses, lesion, liver = [], [], []
+    for case in cases:
+        logits = predict_logits(model, normalisation.apply(case.phases_hu), device, cancel=cancel)
+        target = torch.from_numpy(case.label.astype(np.float32))[None, None]
+        losses.append(float(loss_fn(logits[None], target)))
+        prediction = logits.argmax(0).numpy()
+        lesion.append(lesion_dice(prediction, case.label))
+        liver.append(lesion_dice(np.where(prediction > 0, 2, 0), np.where(case.label > 0, 2, 0)))
+    return {"val_loss": float(np.mean(losses)), "val_lesion_dice": float(np.mean(lesion)),
+            "val_liver_dice": float(np.mean(liver))}
