@@ -32,6 +32,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--lesion-fraction", type=float, help="share of patches centred on a lesion")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="auto")
@@ -116,7 +117,7 @@ def _train(args) -> int:
 
     configure_threads()
     config = TrainConfig(seed=args.seed)
-    for name in ("epochs", "steps_per_epoch", "lr"):
+    for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     cases = read_dataset(args.data, progress=print_progress)
