@@ -94,8 +94,11 @@ def test_swarm_then_powell_recovers_the_known_misalignment(case):
 
 
 def test_classical_baseline_also_registers(case):
+    """Looser than ours: ITK's multithreaded random sampling makes its result vary from run to run."""
     result = register_phase_sitk(case.phases["arterial"], case.phases["venous"])
-    assert transform_error_mm(result.matrix_lps, case.truth["venous"], liver_points(case)) < 1.0
+    initial = transform_error_mm(np.eye(4), case.truth["venous"], liver_points(case))
+    error = transform_error_mm(result.matrix_lps, case.truth["venous"], liver_points(case))
+    assert error < 2.0 and error < initial / 2
 
 
 def test_registration_is_time_bounded_and_refuses_non_ct(case):
