@@ -71,17 +71,25 @@ def lesion_statistics(lesions: np.ndarray, grid: Volume, phases_hu: dict[str, np
     return rows
 
 
+def table_rows(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """The statistics as flat rows (columns, rows) for a CSV file or a Slicer table."""
+    phases = [p for p in ("plain", "arterial", "venous", "delayed") if any(p in r["mean_hu"] for r in rows)]
+    columns = ["lesion", "volume_ml", "longest_axial_diameter_mm", "centre_r_mm", "centre_a_mm", "centre_s_mm",
+               *[f"mean_hu_{p}" for p in phases]]
+    flat = [{"lesion": r["lesion"], "volume_ml": r["volume_ml"], "longest_axial_diameter_mm": r["longest_axial_diameter_mm"],
+             **dict(zip(("centre_r_mm", "centre_a_mm", "centre_s_mm"), r["centre_ras_mm"], strict=True)),
+             **{f"mean_hu_{p}": r["mean_hu"].get(p) for p in phases}} for r in rows]
+    return columns, flat
+
+
 def write_statistics(rows: list[dict], out_dir: Path, extra: dict | None = None) -> dict[str, Path]:
     """lesions.json (with `extra`: reference phase, registration, timings...) and lesions.csv."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "lesions.json", "csv": out_dir / "lesions.csv"}
     paths["json"].write_text(json.dumps({"lesion_count": len(rows), "lesions": rows, **(extra or {})}, indent=2))
-    phases = sorted({p for r in rows for p in r["mean_hu"]})
+    columns, flat = table_rows(rows)
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["lesion", "volume_ml", "longest_axial_diameter_mm", "centre_r_mm", "centre_a_mm", "centre_s_mm",
-                         *[f"mean_hu_{p}" for p in phases]])
-        for r in rows:
-            writer.writerow([r["lesion"], r["volume_ml"], r["longest_axial_diameter_mm"], *r["centre_ras_mm"],
-                             *[r["mean_hu"].get(p, "") for p in phases]])
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
     return paths

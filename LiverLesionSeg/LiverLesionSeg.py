@@ -1,0 +1,285 @@
+"""LiverLesionSeg: liver lesions from a multi-phase contrast CT, in 3D Slicer.
+
+Thin glue over `LiverLesionSegLib.pipeline.segment_study` (registration of the phases, the
+network, lesion statistics) and `deepnav.mrml`. The volumes are copied out of their nodes on the
+GUI thread; the work runs on a background thread with a progress bar and Cancel; the result
+becomes a segmentation (one segment per lesion, standard terminology: liver; mass, and the
+liver), a statistics table and the lesion centres as points.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+PHASES = ("plain", "arterial", "venous", "delayed")
+SEGMENTATION = "Liver lesions"
+TABLE = "Liver lesion statistics"
+CENTRES = "Lesion centres"
+# Slicer terminology entries (SNOMED CT codes): a mass in the liver, and the liver
+MASS = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered "
+        "Structure~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^")
+LIVER = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical "
+         "Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
+
+
+class LiverLesionSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Liver Lesion Segmentation")
+        self.parent.categories = ["DeepNav"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["DeepNav developers"]
+        self.parent.helpText = _(
+            "Segments liver lesions in a contrast CT from two to four phases (plain, arterial, portal venous, "
+            "delayed): the phases are registered to the reference phase, fused in a 3D U-Net, and each lesion "
+            "is measured (volume, longest axial diameter, mean HU per phase). One phase works, with a warning.")
+        self.parent.acknowledgementText = _(
+            "The shipped model was trained on simulated lesions inserted into a public abdominal CT; see its model card.")
+
+
+@parameterNodeWrapper
+class LiverLesionSegParameterNode:
+    plainVolume: slicer.vtkMRMLScalarVolumeNode
+    arterialVolume: slicer.vtkMRMLScalarVolumeNode
+    venousVolume: slicer.vtkMRMLScalarVolumeNode
+    delayedVolume: slicer.vtkMRMLScalarVolumeNode
+    reference: Annotated[str, Choice(["auto", *PHASES])] = "auto"
+    liverSegmentation: slicer.vtkMRMLSegmentationNode
+    registration: Annotated[str, Choice(["pso-powell", "sitk"])] = "pso-powell"
+    modelPath: str = ""
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+
+    def phaseNodes(self) -> dict:
+        nodes = {p: getattr(self, f"{p}Volume") for p in PHASES}
+        return {p: n for p, n in nodes.items() if n is not None}
+
+
+class LiverLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(250)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LiverLesionSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = LiverLesionSegLogic()
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.cancelButton.connect("clicked(bool)", lambda: self.logic.task and self.logic.task.cancel())
+        self._timer.connect("timeout()", self._poll)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self._timer.stop()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        running = self.logic.task is not None and not self.logic.task.done
+        ready = bool(self._parameterNode and self._parameterNode.phaseNodes())
+        self.ui.applyButton.enabled = ready and not running
+        self.ui.cancelButton.enabled = running
+
+    def onApply(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
+            self.logic.start(self._parameterNode)
+            self.ui.resultLabel.text = ""
+            self._timer.start()
+            self._updateButtons()
+
+    def _poll(self) -> None:
+        task = self.logic.task
+        self.ui.progressBar.value = int(100 * task.fraction)
+        self.ui.progressBar.format = f"{task.message} (%p%)"
+        if not task.done:
+            return
+        self._timer.stop()
+        self._updateButtons()
+        with slicer.util.tryWithErrorDisplay(_("Segmentation stopped.")):
+            result = self.logic.finish()
+            self.ui.tableView.setMRMLTableNode(slicer.mrmlScene.GetFirstNodeByName(TABLE))
+            self.ui.resultLabel.text = "\n".join([result.message(), *result.warnings])
+
+
+class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._model = None
+        self._modelKey = None
+        self.task = None  # deepnav.progress.BackgroundTask
+        self._referenceNode = None
+
+    def getParameterNode(self):
+        return LiverLesionSegParameterNode(super().getParameterNode())
+
+    def loadModel(self, modelPath: str, device: str):
+        key = (modelPath or "", device)
+        if self._model is None or self._modelKey != key:
+            from deepnav.slicer_dependencies import ensure_package, ensure_torch
+
+            ensure_torch("Liver Lesion Segmentation")
+            ensure_package("monai", "monai==1.6.1", "Liver Lesion Segmentation")
+            from LiverLesionSegLib.model_io import load_model
+
+            self._model, self._modelKey = load_model(modelPath or None, device), key
+        return self._model
+
+    def _inputs(self, parameters):
+        """Phases, reference and liver mask copied out of their nodes (GUI thread)."""
+        from LiverLesionSegLib.preprocess import reference_phase
+
+        from deepnav import mrml
+        from deepnav.errors import InputError
+
+        nodes = parameters.phaseNodes()
+        if not nodes:
+            raise InputError("select at least one phase")
+        phases = {p: mrml.volume_from_node(n) for p, n in nodes.items()}
+        phases = {p: v.with_array(v.array.astype("float32")) for p, v in phases.items()}
+        reference = reference_phase(phases) if parameters.reference == "auto" else parameters.reference
+        if reference not in phases:
+            raise InputError(f"the reference phase ({reference}) has no volume selected")
+        liver = None
+        if parameters.liverSegmentation is not None:
+            liver = mrml.labelmap_from_segmentation(parameters.liverSegmentation, nodes[reference])
+        self._referenceNode = nodes[reference]
+        return phases, reference, liver
+
+    def segment(self, parameters, progress=None, cancel=None):
+        """Synchronously (tests, scripts): the study's StudyResult, shown in the scene."""
+        from LiverLesionSegLib.pipeline import segment_study
+
+        phases, reference, liver = self._inputs(parameters)
+        model = self.loadModel(parameters.modelPath, parameters.device)
+        result = segment_study(model, phases, reference=reference, registration=parameters.registration, liver=liver,
+                               **({"progress": progress} if progress else {}), cancel=cancel)
+        self.show(result)
+        return result
+
+    def start(self, parameters) -> None:
+        from LiverLesionSegLib.pipeline import segment_study
+
+        from deepnav.progress import BackgroundTask
+
+        if self.task is not None and not self.task.done:
+            raise RuntimeError("a segmentation is already running")
+        phases, reference, liver = self._inputs(parameters)
+        model = self.loadModel(parameters.modelPath, parameters.device)
+        registration = parameters.registration
+        self.task = BackgroundTask(lambda progress, cancel: segment_study(
+            model, phases, reference=reference, registration=registration, liver=liver, progress=progress,
+            cancel=cancel), "liverlesionseg")
+
+    def finish(self):
+        result = self.task.result()
+        self.show(result)
+        return result
+
+    def show(self, result) -> None:
+        """Segmentation (one segment per lesion + the liver), statistics table, lesion centres."""
+        import numpy as np
+        from LiverLesionSegLib.statistics import table_rows
+
+        from deepnav import mrml
+
+        scene = slicer.mrmlScene
+        lesions = result.lesions.array.astype(np.uint16)
+        liver_value = int(lesions.max()) + 1
+        labels = np.where(lesions > 0, lesions, np.where(result.liver.array > 0, liver_value, 0)).astype(np.uint16)
+        segments = {n: (f"Lesion {n}", MASS) for n in range(1, liver_value)}
+        segments[liver_value] = ("Liver", LIVER)
+        segmentation = mrml.segmentation_from_labels(scene, SEGMENTATION, result.lesions.with_array(labels), segments)
+        if self._referenceNode is not None:
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(self._referenceNode)
+        segmentation.CreateDefaultDisplayNodes()
+        columns, rows = table_rows(result.statistics)
+        mrml.table(scene, TABLE, rows, columns)
+        centres = np.array([r["centre_ras_mm"] for r in result.statistics], dtype=np.float64).reshape(-1, 3)
+        mrml.fiducials(scene, CENTRES, centres, [f"Lesion {r['lesion']}" for r in result.statistics])
+
+
+class LiverLesionSegTest(ScriptedLoadableModuleTest):
+    """A simulated two-phase study (synthetic abdomen, never used in training): lesion Dice with the
+    shipped model, and the outputs in the scene."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_simulated_study()
+
+    def test_simulated_study(self):
+        import numpy as np
+        from LiverLesionSegLib.abdomen import synthetic_abdomen
+        from LiverLesionSegLib.evaluation import EVALUATION_SEED_BASE, dice
+        from LiverLesionSegLib.simulator import simulate_case
+
+        from deepnav import mrml
+
+        self.delayDisplay("Simulating a two-phase study")
+        seed = EVALUATION_SEED_BASE + 999_000
+        case = simulate_case(synthetic_abdomen(seed), seed, phases=("arterial", "venous"), lesions=(2, 2))
+        logic = LiverLesionSegLogic()
+        parameters = logic.getParameterNode()
+        parameters.arterialVolume = mrml.volume_node(slicer.mrmlScene, "arterial", case.phases["arterial"])
+        parameters.venousVolume = mrml.volume_node(slicer.mrmlScene, "venous", case.phases["venous"])
+        parameters.device = "cpu"
+        t0 = time.perf_counter()
+        result = logic.segment(parameters)
+        score = dice(case.lesions.array > 0, result.lesions.array > 0)
+        self.delayDisplay(f"Lesion Dice {score:.3f}, {len(result.statistics)} lesion(s), {time.perf_counter() - t0:.0f} s")
+        self.assertGreater(score, 0.8)
+        segmentation = slicer.mrmlScene.GetFirstNodeByName(SEGMENTATION).GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), len(result.statistics) + 1)
+        self.assertEqual(slicer.mrmlScene.GetFirstNodeByName(TABLE).GetTable().GetNumberOfRows(), len(result.statistics))
+        self.assertEqual(slicer.mrmlScene.GetFirstNodeByName(CENTRES).GetNumberOfControlPoints(), len(result.statistics))
+        self.assertTrue(np.all(result.liver.array[result.lesions.array > 0] == 1))
+        logging.info("LiverLesionSegTest passed")
