@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 from LiverLesionSegLib.abdomen import load_abdomen, synthetic_abdomen
-from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk, resample_phase, transform_error_mm
+from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk, transform_error_mm
+from LiverLesionSegLib.preprocess import resample
 from LiverLesionSegLib.simulator import simulate_case
 
 from conftest import ROOT
@@ -87,8 +88,8 @@ def test_swarm_then_powell_recovers_the_known_misalignment(case):
     # resampled through the result, the venous phase lines up with the reference
     reference, venous = case.phases["arterial"], case.phases["venous"]
     body = reference.array > -500
-    before = resample_phase(venous, reference, np.eye(4)).array[body]
-    after = resample_phase(venous, reference, results["venous"].matrix_lps).array[body]
+    before = resample(venous, reference, np.eye(4))[body]
+    after = resample(venous, reference, results["venous"].matrix_lps)[body]
     corr = [np.corrcoef(x, reference.array[body])[0, 1] for x in (before, after)]
     assert corr[1] > corr[0] + 0.1
 

@@ -32,6 +32,13 @@ def save_torchscript(module: torch.nn.Module, path: Path, record: dict) -> Path:
     return path
 
 
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary file, so an interrupted write never leaves a half checkpoint."""
+    tmp = path.with_name(".partial-" + path.name)
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def save_exported(program, path: Path, record: dict) -> Path:
     """Write a torch.export program atomically with `record`."""
     tmp = path.with_name(".partial-" + path.name)

@@ -5,7 +5,7 @@ interpolation of the moving phase. `register_phase_sitk` is the classical altern
 multi-resolution Mattes MI with gradient descent) that it is compared with.
 
 Convention: the result maps a reference point (LPS mm) to where the same anatomy lies in the
-moving phase (resampling convention), so `resample_phase` puts the moving phase on the reference grid.
+moving phase (resampling convention), so `preprocess.resample` puts the moving phase on the reference grid.
 
 Why our own evaluation loop rather than SimpleITK's: ITK has neither particle swarm nor Powell, and
 calling `ImageRegistrationMethod.MetricEvaluate` per particle costs a full set-up each time. The
@@ -210,15 +210,6 @@ def register_phase_sitk(reference: Volume, moving: Volume, *, seed: int = 0, ite
     matrix = linear_to_matrix(transform)
     return PhaseRegistration(matrix, evaluation(np.eye(4)), evaluation(matrix), time.monotonic() - t0,
                              method.GetOptimizerIteration(), "sitk-mattes-gd")
-
-
-def resample_phase(moving: Volume, reference: Volume, matrix_lps: np.ndarray, mask: bool = False) -> Volume:
-    """The moving phase on the reference grid through the registration (cubic for images,
-    nearest for masks); outside the moving phase: -1000 HU (0 for masks)."""
-    t = matrix_to_affine(matrix_lps)
-    interpolator = sitk.sitkNearestNeighbor if mask else sitk.sitkBSpline
-    out = sitk.Resample(moving.to_sitk(), reference.to_sitk(), t, interpolator, 0.0 if mask else -1000.0)
-    return reference.with_array(sitk.GetArrayFromImage(out))
 
 
 def transform_error_mm(estimate: np.ndarray, truth: np.ndarray, points_lps: np.ndarray) -> float:

@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from deepnav.imaging import Volume, grid_like, matrix_to_affine, rotation_matrix
 from LiverLesionSegLib.abdomen import LABELS, Abdomen
+from LiverLesionSegLib.phase_registration import rigid_matrix
 
 PHASES = ("plain", "arterial", "venous", "delayed")
 
@@ -144,11 +145,9 @@ def _lesion_hu(kind: str, phase: str, liver_hu: np.ndarray, depth: np.ndarray, t
 
 
 def random_rigid(rng: np.random.Generator, centre: np.ndarray, max_deg: float = 3.0, max_mm: float = 6.0) -> np.ndarray:
-    """4x4 LPS rigid transform about `centre`."""
-    m = np.eye(4)
-    m[:3, :3] = rotation_matrix(np.deg2rad(rng.uniform(-max_deg, max_deg, 3)))
-    m[:3, 3] = centre + rng.uniform(-max_mm, max_mm, 3) - m[:3, :3] @ centre
-    return m
+    """4x4 LPS rigid transform about `centre`, in the registration's parameters."""
+    degrees = rng.uniform(-max_deg, max_deg, 3)
+    return rigid_matrix(np.concatenate([degrees, rng.uniform(-max_mm, max_mm, 3)]), centre)
 
 
 def simulate_case(abdomen: Abdomen, seed: int, phases: tuple[str, ...] = ("arterial", "venous"),

@@ -21,9 +21,11 @@ import torch
 from monai import transforms as mt
 from monai.losses import DiceFocalLoss
 
+from deepnav.model_files import save_atomic
 from deepnav.progress import CancelToken, ProgressCallback, print_progress
 from deepnav.torch_runtime import seed_everything
 from LiverLesionSegLib.dataset import TrainingCase
+from LiverLesionSegLib.evaluation import dice
 from LiverLesionSegLib.inference import predict_logits
 from LiverLesionSegLib.network import LesionUNet
 from LiverLesionSegLib.preprocess import Normalisation
@@ -96,18 +98,6 @@ def _drop_phases(image: np.ndarray, present: list[int], rng: np.random.Generator
     return out
 
 
-def lesion_dice(prediction: np.ndarray, label: np.ndarray) -> float:
-    a, b = prediction == 2, label == 2
-    denominator = a.sum() + b.sum()
-    return 1.0 if denominator == 0 else float(2 * (a & b).sum() / denominator)
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(".partial-" + path.name)
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_dir: Path, config: TrainConfig, *,
           device: torch.device | None = None, resume: bool = False, progress: ProgressCallback = print_progress,
           cancel: CancelToken | None = None) -> tuple[LesionUNet, Normalisation, dict]:
@@ -171,8 +161,8 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
                  f"lesion Dice {scores['val_lesion_dice']:.3f}, liver Dice {scores['val_liver_dice']:.3f}")
         if scores["val_loss"] < best["val_loss"]:
             best = {"epoch": epoch, **scores}
-            _save_atomic({"model": model.state_dict(), "epoch": epoch}, out_dir / "best.pt")
-        _save_atomic({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_atomic({"model": model.state_dict(), "epoch": epoch}, out_dir / "best.pt")
+        save_atomic({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "epoch": epoch, "history": history, "best": best, "normalisation": normalisation.to_json(),
                       "config": dataclasses.asdict(config)}, checkpoint)
         (out_dir / "history.json").write_text(json.dumps({"config": dataclasses.asdict(config), "history": history,
@@ -192,7 +182,7 @@ def validate(model: LesionUNet, cases: list[TrainingCase], normalisation: Normal
         target = torch.from_numpy(case.label.astype(np.float32))[None, None]
         losses.append(float(loss_fn(logits[None], target)))
         prediction = logits.argmax(0).numpy()
-        lesion.append(lesion_dice(prediction, case.label))
-        liver.append(lesion_dice(np.where(prediction > 0, 2, 0), np.where(case.label > 0, 2, 0)))
+        lesion.append(dice(prediction == 2, case.label == 2))
+        liver.append(dice(prediction > 0, case.label > 0))
     return {"val_loss": float(np.mean(losses)), "val_lesion_dice": float(np.mean(lesion)),
             "val_liver_dice": float(np.mean(liver))}

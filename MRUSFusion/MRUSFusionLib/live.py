@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from deepnav.errors import InputError
-from deepnav.imaging import Volume, require_finite
+from deepnav.imaging import Volume
 from MRUSFusionLib import fields
 from MRUSFusionLib import igtl_messages as msgs
 from MRUSFusionLib.igtl_messages import DEVICE_FIELD, DEVICE_REPORT, DEVICE_RIGID, DEVICE_WARPED
@@ -135,7 +135,6 @@ class LocalRegistration(LiveRegistration):
                 continue
             us, submitted_at = item
             try:
-                require_finite(us, "US volume")
                 result = self.processor.register(us)
                 live = LiveResult(
                     warped=result.grid.with_array(msgs.intensity_to_uint8(result.warped)),

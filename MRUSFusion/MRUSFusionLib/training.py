@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from deepnav.errors import InputError
+from deepnav.model_files import save_atomic
 from deepnav.progress import CancelToken, ProgressCallback, print_progress
 from deepnav.torch_runtime import seed_everything
 from MRUSFusionLib import losses
@@ -165,12 +166,6 @@ def checkpoint_config(out_dir: Path) -> TrainConfig | None:
     return TrainConfig.from_json(torch.load(path, map_location="cpu", weights_only=False)["config"])
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def train(
     train_samples: list[Sample],
     val_samples: list[Sample],
@@ -253,8 +248,8 @@ def train(
         score = scores["label_ncc"] - scores["mind"]
         if score > best["score"]:
             best = {"score": score, "epoch": epoch, **scores}
-            _save_atomic({"model": model.state_dict(), "epoch": epoch, "scores": scores}, out_dir / "best.pt")
-        _save_atomic({
+            save_atomic({"model": model.state_dict(), "epoch": epoch, "scores": scores}, out_dir / "best.pt")
+        save_atomic({
             "version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
             "optimizer": {"stage": stage, "state": optimizer.state_dict()},
             "config": config.to_json(), "history": history, "best": best,
