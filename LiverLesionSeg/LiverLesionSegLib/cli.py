@@ -33,6 +33,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--lesion-fraction", type=float, help="share of patches centred on a lesion")
+    p.add_argument("--val-every", type=int, help="validate every n epochs (validation is whole-case inference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="auto")
@@ -117,7 +118,7 @@ def _train(args) -> int:
 
     configure_threads()
     config = TrainConfig(seed=args.seed)
-    for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction"):
+    for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction", "val_every"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     cases = read_dataset(args.data, progress=print_progress)
@@ -125,8 +126,10 @@ def _train(args) -> int:
         raise InputError(f"{len(cases)} cases: need more than the {args.val_cases} kept for validation (--val-cases)")
     model, normalisation, info = train(cases[:-args.val_cases], cases[-args.val_cases:], args.out, config,
                                        device=pick_device(args.device), resume=args.resume)
+    manifest = json.loads((args.data / "dataset.json").read_text())
     path = save_model(model, normalisation, args.out / "model.pt", {"training": {
-        "data": str(args.data), "cases": [c.name for c in cases], "validation": [c.name for c in cases[-args.val_cases:]],
+        "data": str(args.data), "data_description": manifest.get("description") or manifest.get("name", ""),
+        "cases": [c.name for c in cases], "validation": [c.name for c in cases[-args.val_cases:]],
         "config": info["config"], "best": info["best"]}})
     print(f"best validation (epoch {info['best']['epoch'] + 1}): loss {info['best']['val_loss']:.4f}, "
           f"lesion Dice {info['best']['val_lesion_dice']:.3f}; wrote {path}")

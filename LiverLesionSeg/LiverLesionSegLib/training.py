@@ -2,8 +2,10 @@
 focal + Dice loss, Adam, a validation loss per epoch on whole cases (sliding window), the
 lowest-validation-loss weights kept, resumable checkpoints, seeds.
 
-Patches are 64^3 voxels (96 mm at 1.5 mm); two in three are centred on a lesion voxel (lesions
-are a small share of the liver, as nnU-Net oversamples foreground). Phase dropout (each present
+Patches are 64^3 voxels (96 mm at 1.5 mm); a share (`lesion_fraction`) is centred on a lesion
+(lesions are a small share of the liver, as nnU-Net oversamples foreground): a lesion is drawn
+first, then a voxel of it, so that 5 mm lesions are seen as often as 60 mm ones. The learning rate
+decays polynomially (nnU-Net's schedule) to settle the weights in the last epochs. Phase dropout (each present
 phase zeroed with probability 0.3, at least one kept) teaches the network to work on any subset
 of phases, so that one model serves 1 to 4 phases.
 """
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.losses import DiceFocalLoss
+from scipy import ndimage
 
 from deepnav.model_files import save_atomic
 from deepnav.progress import CancelToken, ProgressCallback, print_progress
@@ -39,8 +42,10 @@ class TrainConfig:
     steps_per_epoch: int = 40
     batch: int = 2
     patch: int = 64
-    lr: float = 3e-4
-    lesion_fraction: float = 0.67
+    lr: float = 1e-3
+    lr_decay_power: float = 0.9  # lr * (1 - epoch / epochs) ** power
+    lesion_fraction: float = 0.33
+    val_every: int = 1  # validate (and maybe keep the weights) every n epochs and after the last
     phase_drop: float = 0.3
     focal_weight: float = 1.0  # the method's a
     dice_weight: float = 1.0  # the method's b
@@ -76,11 +81,22 @@ def augmentation(seed: int) -> mt.Compose:
     return compose
 
 
-def _patch(image: np.ndarray, label: np.ndarray, size: int, rng: np.random.Generator, lesion: bool):
-    """A size^3 patch (padded where the case is smaller), centred on a lesion voxel or anywhere."""
+def _lesion_voxels(label: np.ndarray) -> list[np.ndarray]:
+    """The voxel indices of each lesion (connected component of label 2)."""
+    components, _ = ndimage.label(label == 2)
+    return [np.argwhere(components[box] == n + 1) + [s.start for s in box]
+            for n, box in enumerate(ndimage.find_objects(components))]
+
+
+def _patch(image: np.ndarray, label: np.ndarray, lesions: list[np.ndarray], size: int, rng: np.random.Generator,
+           lesion: bool):
+    """A size^3 patch (padded where the case is smaller), centred on a voxel of a random lesion or anywhere."""
     shape = np.array(label.shape)
-    lesion_voxels = np.argwhere(label == 2) if lesion else np.empty((0, 3), int)
-    centre = lesion_voxels[rng.integers(len(lesion_voxels))] if len(lesion_voxels) else rng.integers(0, shape)
+    if lesion and lesions:
+        voxels = lesions[int(rng.integers(len(lesions)))]
+        centre = voxels[rng.integers(len(voxels))]
+    else:
+        centre = rng.integers(0, shape)
     lo = np.clip(centre - size // 2, 0, np.maximum(shape - size, 0))
     box = tuple(slice(a, a + size) for a in lo)
     img, lab = image[(slice(None), *box)], label[box]
@@ -112,7 +128,9 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
                                        for phase in {p for c in train_cases for p in c.phases_hu}})
     inputs = [(normalisation.apply(c.phases_hu), c.label) for c in train_cases]
     present = [[n for n, v in enumerate(x) if np.any(v)] for x, _ in inputs]
-    model = LesionUNet(width=config.width).to(device)
+    lesions = [_lesion_voxels(label) for _, label in inputs]
+    # channels-last 3D: oneDNN's convolutions run about 25% faster on the CPU in this layout (measured)
+    model = LesionUNet(width=config.width).to(device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     loss_fn = make_loss(config)
     history: list[dict] = []
@@ -131,6 +149,8 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
     for epoch in range(epoch0, config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         augment = augmentation(config.seed * 1000 + epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * (1 - epoch / config.epochs) ** config.lr_decay_power
         model.train()
         t0, losses = time.perf_counter(), []
         for step in range(config.steps_per_epoch):
@@ -139,12 +159,13 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
             images, labels = [], []
             for _ in range(config.batch):
                 n = int(rng.integers(len(inputs)))
-                image, label = _patch(*inputs[n], config.patch, rng, rng.random() < config.lesion_fraction)
+                image, label = _patch(*inputs[n], lesions[n], config.patch, rng, rng.random() < config.lesion_fraction)
                 image = _drop_phases(image, present[n], rng, config.phase_drop)
                 sample = augment({"image": torch.from_numpy(image), "label": torch.from_numpy(label[None].astype(np.float32))})
                 images.append(torch.as_tensor(sample["image"]))
                 labels.append(torch.as_tensor(sample["label"]))
-            x, y = torch.stack(images).float().to(device), torch.stack(labels).round().to(device)
+            x = torch.stack(images).float().to(device, memory_format=torch.channels_last_3d)
+            y = torch.stack(labels).round().to(device)
             loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,12 +174,16 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
             if (step + 1) % 10 == 0:
                 progress((epoch + (step + 1) / config.steps_per_epoch) / config.epochs,
                          f"epoch {epoch + 1}/{config.epochs} step {step + 1}: loss {np.mean(losses[-10:]):.4f}")
-        scores = validate(model, val_cases, normalisation, loss_fn, device, cancel)
-        record = {"epoch": epoch, "seconds": time.perf_counter() - t0, "train_loss": float(np.mean(losses)), **scores}
-        history.append(record)
-        progress((epoch + 1) / config.epochs,
-                 f"epoch {epoch + 1}/{config.epochs}: val loss {scores['val_loss']:.4f}, "
-                 f"lesion Dice {scores['val_lesion_dice']:.3f}, liver Dice {scores['val_liver_dice']:.3f}")
+        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": float(np.mean(losses))}
+        if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
+            scores = validate(model, val_cases, normalisation, loss_fn, device, cancel)
+            record.update(scores)
+            progress((epoch + 1) / config.epochs,
+                     f"epoch {epoch + 1}/{config.epochs}: val loss {scores['val_loss']:.4f}, "
+                     f"lesion Dice {scores['val_lesion_dice']:.3f}, liver Dice {scores['val_liver_dice']:.3f}")
+        else:
+            scores = {"val_loss": math.inf}
+        history.append({**record, "seconds": time.perf_counter() - t0})
         if scores["val_loss"] < best["val_loss"]:
             best = {"epoch": epoch, **scores}
             save_atomic({"model": model.state_dict(), "epoch": epoch}, out_dir / "best.pt")

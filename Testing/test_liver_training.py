@@ -1,0 +1,67 @@
+"""Training the lesion network: small lesions are sampled as often as large ones, the learning rate
+follows the polynomial schedule, and an interrupted run resumed from its checkpoint ends with the
+same weights as an uninterrupted one (determinism and resumability together)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from LiverLesionSegLib.abdomen import synthetic_abdomen
+from LiverLesionSegLib.dataset import TrainingCase, case_label
+from LiverLesionSegLib.simulator import simulate_case
+from LiverLesionSegLib.training import TrainConfig, _lesion_voxels, _patch, train
+
+from deepnav.progress import Cancelled, CancelToken
+
+
+def test_lesion_patches_see_small_lesions_as_often_as_large_ones():
+    label = np.zeros((40, 80, 80), np.uint8)
+    label[5:35, 5:35, 5:35] = 2  # 27000 voxels
+    label[20:22, 60:62, 60:62] = 2  # 8 voxels
+    image = np.zeros((1, *label.shape), np.float32)
+    lesions = _lesion_voxels(label)
+    assert sorted(len(v) for v in lesions) == [8, 27000]
+    rng = np.random.default_rng(0)
+    with_small = 0
+    for _ in range(200):
+        _, patch = _patch(image, label, lesions, 16, rng, lesion=True)
+        assert patch.shape == (16, 16, 16) and (patch == 2).any()  # every lesion patch holds a lesion
+        with_small += bool((patch == 2).sum() < 100)
+    assert 70 < with_small < 130  # about half; drawing voxels instead would give the small one 8 / 27008
+
+
+def _cases() -> list[TrainingCase]:
+    cases = []
+    for seed in (1, 2, 3):
+        case = simulate_case(synthetic_abdomen(seed), seed, phases=("arterial", "venous"), spacing=(4.0, 4.0, 4.0),
+                             motion=(0.0, 0.0), lesions=(2, 2))
+        cases.append(TrainingCase(f"c{seed}", {p: v.array.astype(np.float32) for p, v in case.phases.items()},
+                                  case_label(case)))
+    return cases
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    cases = _cases()
+    config = TrainConfig(epochs=3, steps_per_epoch=2, patch=32, width=4, lr=1e-3)
+    straight, _, info = train(cases[:2], cases[2:], tmp_path / "straight", config, progress=lambda *_: None)
+    lrs = [record["lr"] for record in info["history"]]
+    np.testing.assert_allclose(lrs, [1e-3 * (1 - e / 3) ** 0.9 for e in range(3)])
+
+    token = CancelToken()  # cancelled once the first epoch has reported: the second one stops at its start
+
+    def cancel_after_first_epoch(fraction, _message):
+        if fraction >= 1 / 3:
+            token.cancel()
+
+    try:
+        train(cases[:2], cases[2:], tmp_path / "resumed", config, progress=cancel_after_first_epoch, cancel=token)
+    except Cancelled:
+        pass
+    history = json.loads((tmp_path / "resumed" / "history.json").read_text())["history"]
+    assert len(history) == 1  # one epoch done and checkpointed before the cancel took effect
+    resumed, _, info = train(cases[:2], cases[2:], tmp_path / "resumed", config, resume=True, progress=lambda *_: None)
+    assert [r["epoch"] for r in info["history"]] == [0, 1, 2]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
