@@ -13,6 +13,7 @@ from LiverLesionSegLib.simulator import simulate_case
 
 from conftest import ROOT
 from deepnav.errors import InputError
+from deepnav.imaging import grid_like
 
 DATA = ROOT.parent / "shared" / "data" / "abdomen"
 
@@ -61,6 +62,19 @@ def test_lesions_enhance_by_kind_across_phases():
     assert all(median[("cyst", p)] < -30 for p in ("arterial", "venous", "delayed"))
     assert median[("metastasis", "venous")] < -30
     assert median[("haemangioma", "delayed")] > median[("haemangioma", "arterial")]  # centripetal filling
+
+
+def test_training_cases_cover_the_whole_abdomen_or_a_given_scanner_grid():
+    abdomen = synthetic_abdomen(0)
+    whole = simulate_case(abdomen, 1, spacing=(6, 6, 6), margin_mm=None).phases["arterial"]
+    ct_corners = abdomen.ct.index_to_lps(np.array([[0, 0, 0], np.array(abdomen.ct.size_ijk) - 1]))
+    np.testing.assert_allclose(whole.origin, ct_corners.min(axis=0))
+    assert np.all(whole.index_to_lps(np.array(whole.size_ijk)[None] - 1.0)[0] >= ct_corners.max(axis=0) - 1e-6)
+    liver_box = simulate_case(abdomen, 1, spacing=(6, 6, 6)).phases["arterial"]
+    assert np.prod(liver_box.size_ijk) < 0.5 * np.prod(whole.size_ijk)
+    scanner = grid_like((40, 30, 20), (8.0, 8.0, 10.0), (-160.0, -120.0, 0.0), np.eye(3))
+    given = simulate_case(abdomen, 1, grid=scanner)
+    assert given.phases["arterial"].same_grid(scanner) and given.lesions.same_grid(scanner)
 
 
 def test_unknown_phase_is_refused():

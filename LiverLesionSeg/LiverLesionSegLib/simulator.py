@@ -63,10 +63,15 @@ class Case:
     lesion_list: list[Lesion]
 
 
-def _case_grid(abdomen: Abdomen, spacing: tuple[float, float, float], margin_mm: float) -> Volume:
-    k, j, i = np.nonzero(abdomen.mask("liver"))
-    corners = abdomen.ct.index_to_lps(np.array([[i.min(), j.min(), k.min()], [i.max(), j.max(), k.max()]]))
-    lo, hi = corners.min(axis=0) - margin_mm, corners.max(axis=0) + margin_mm
+def _case_grid(abdomen: Abdomen, spacing: tuple[float, float, float], margin_mm: float | None) -> Volume:
+    """The liver's bounding box plus `margin_mm`, or (None) the abdominal CT's whole field of view."""
+    if margin_mm is None:
+        corners = abdomen.ct.index_to_lps(np.array([[0, 0, 0], np.array(abdomen.ct.size_ijk) - 1]))
+        lo, hi = corners.min(axis=0), corners.max(axis=0)
+    else:
+        k, j, i = np.nonzero(abdomen.mask("liver"))
+        corners = abdomen.ct.index_to_lps(np.array([[i.min(), j.min(), k.min()], [i.max(), j.max(), k.max()]]))
+        lo, hi = corners.min(axis=0) - margin_mm, corners.max(axis=0) + margin_mm
     size = np.ceil((hi - lo) / np.array(spacing)).astype(int) + 1
     return grid_like(tuple(size), spacing, lo, np.eye(3))
 
@@ -152,17 +157,21 @@ def random_rigid(rng: np.random.Generator, centre: np.ndarray, max_deg: float = 
 
 def simulate_case(abdomen: Abdomen, seed: int, phases: tuple[str, ...] = ("arterial", "venous"),
                   reference: str | None = None, spacing=(1.5, 1.5, 1.5), lesions: tuple[int, int] = (1, 4),
-                  margin_mm: float = 25.0, motion: tuple[float, float] = (3.0, 6.0),
-                  kinds: tuple[str, ...] = KINDS) -> Case:
+                  margin_mm: float | None = 25.0, motion: tuple[float, float] = (3.0, 6.0),
+                  kinds: tuple[str, ...] = KINDS, grid: Volume | None = None) -> Case:
     """One simulated study. `reference` defaults to the first phase given (the method's example
     registers venous to arterial). `motion`: the largest misalignment of the other phases
-    (degrees per axis, mm per axis). `kinds`: the lesion kinds drawn from."""
+    (degrees per axis, mm per axis). `kinds`: the lesion kinds drawn from. `grid`: the study's
+    grid (LPS) when given, e.g. a full 512x512 scanner field of view; by default the liver's
+    bounding box plus `margin_mm` at `spacing`, or the abdominal CT's whole field of view when
+    `margin_mm` is None (what training needs: a network that never saw the rest of the body calls
+    parts of it liver)."""
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise ValueError(f"unknown phases {sorted(unknown)}; known: {PHASES}")
     reference = reference or phases[0]
     rng = np.random.default_rng(seed)
-    grid = _case_grid(abdomen, spacing, margin_mm)
+    grid = grid if grid is not None else _case_grid(abdomen, spacing, margin_mm)
     plain, organs = _vary_anatomy(abdomen, grid, rng)
     liver = organs == LABELS["liver"]
     ids, depth, lesion_list = _place_lesions(liver, grid, rng, int(rng.integers(lesions[0], lesions[1] + 1)), kinds)
