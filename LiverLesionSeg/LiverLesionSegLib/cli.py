@@ -22,6 +22,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
                    help="folder with example_ct.nii.gz and example_seg.nii.gz (TotalSegmentator classes)")
     p.add_argument("--synthetic-share", type=float, default=0.25,
                    help="share of cases built on a synthetic abdomen instead (anatomical variety)")
+    p.add_argument("--field-of-view", choices=["abdomen", "liver"], default="abdomen",
+                   help="the abdominal CT's whole field of view (default; what a network must learn on), "
+                        "or the liver's box plus 25 mm (small, for quick experiments)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=_simulate)
 
@@ -36,6 +39,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, help="validate every n epochs (validation is whole-case inference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", type=Path, help="a DeepNav liver model file to fine-tune (its normalisation is kept)")
     p.add_argument("--device", default="auto")
     p.set_defaults(run=_train)
 
@@ -102,7 +106,8 @@ def _simulate(args) -> int:
         seed = args.seed * 1000 + n
         abdomen = abdomen_for(seed)
         use_real = abdomen.z_offset != 0
-        case = simulate_case(abdomen, seed, phases=("arterial", "venous", "plain", "delayed"))
+        case = simulate_case(abdomen, seed, phases=("arterial", "venous", "plain", "delayed"),
+                             margin_mm=None if args.field_of_view == "abdomen" else 25.0)
         write_simulated([case], args.out, start=n)
         kinds = ", ".join(f"{lesion.kind} {lesion.diameter_mm:.0f} mm" for lesion in case.lesion_list)
         print_progress((n + 1) / args.cases, f"case {n} ({'real' if use_real else 'synthetic'} abdomen): {kinds}")
@@ -124,11 +129,18 @@ def _train(args) -> int:
     cases = read_dataset(args.data, progress=print_progress)
     if len(cases) <= args.val_cases:
         raise InputError(f"{len(cases)} cases: need more than the {args.val_cases} kept for validation (--val-cases)")
+    init = None
+    if args.init is not None:
+        from LiverLesionSegLib.model_io import load_model
+
+        start = load_model(args.init, "cpu")
+        init = ({k: v.clone() for k, v in start.module.state_dict().items()}, start.normalisation)
     model, normalisation, info = train(cases[:-args.val_cases], cases[-args.val_cases:], args.out, config,
-                                       device=pick_device(args.device), resume=args.resume)
+                                       device=pick_device(args.device), resume=args.resume, init=init)
     manifest = json.loads((args.data / "dataset.json").read_text())
     path = save_model(model, normalisation, args.out / "model.pt", {"training": {
         "data": str(args.data), "data_description": manifest.get("description") or manifest.get("name", ""),
+        "init": str(args.init) if args.init else None,
         "cases": [c.name for c in cases], "validation": [c.name for c in cases[-args.val_cases:]],
         "config": info["config"], "best": info["best"]}})
     print(f"best validation (epoch {info['best']['epoch'] + 1}): loss {info['best']['val_loss']:.4f}, "
