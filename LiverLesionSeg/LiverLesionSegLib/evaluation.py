@@ -1,8 +1,9 @@
 """`deepnav liver evaluate`: the shipped model on simulated studies never used in training.
 
-Each study has an arterial and a portal venous phase (venous misaligned by a known rigid motion)
-and is segmented twice through `segment_study`: with both phases, and with the venous phase alone
-(the method's claim is that fusing phases helps). Scores:
+Each study covers the abdominal CT's whole field of view at 1.5 mm (as a real series does, so that
+false positives outside the liver count) and has an arterial and a portal venous phase (venous
+misaligned by a known rigid motion); it is segmented twice through `segment_study`: with both
+phases, and with the venous phase alone (the method's claim is that fusing phases helps). Scores:
 - lesion Dice per case (all lesion voxels of the case) and global (all cases' voxels pooled);
 - lesion-wise recall and precision: a lesion counts as found when a predicted lesion overlaps it
   with Dice >= 0.5 or contains its centroid (and a predicted lesion is correct by the same rule);
@@ -73,7 +74,7 @@ def evaluate(model: LoadedModel, abdomen, cases: int, seed: int, progress: Progr
     for n in range(cases):
         case_seed = EVALUATION_SEED_BASE + seed * 1000 + n
         base = abdomen(case_seed)
-        case = simulate_case(base, case_seed, phases=("arterial", "venous"))
+        case = simulate_case(base, case_seed, phases=("arterial", "venous"), margin_mm=None)
         t0 = time.perf_counter()
         result = segment_study(model, case.phases)
         runtime = time.perf_counter() - t0
