@@ -67,7 +67,7 @@ def test_lesions_enhance_by_kind_across_phases():
 def test_training_cases_cover_the_whole_abdomen_or_a_given_scanner_grid():
     abdomen = synthetic_abdomen(0)
     whole = simulate_case(abdomen, 1, spacing=(6, 6, 6), margin_mm=None).phases["arterial"]
-    ct_corners = abdomen.ct.index_to_lps(np.array([[0, 0, 0], np.array(abdomen.ct.size_ijk) - 1]))
+    ct_corners = abdomen.ct.corners_lps()
     np.testing.assert_allclose(whole.origin, ct_corners.min(axis=0))
     assert np.all(whole.index_to_lps(np.array(whole.size_ijk)[None] - 1.0)[0] >= ct_corners.max(axis=0) - 1e-6)
     liver_box = simulate_case(abdomen, 1, spacing=(6, 6, 6)).phases["arterial"]

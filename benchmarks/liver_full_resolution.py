@@ -40,8 +40,7 @@ SPACING_MM = (0.75, 0.75, 2.5)
 
 def scanner_grid(ct) -> object:
     """SIZE_IJK at SPACING_MM (LPS, axial), centred on the CT's field of view."""
-    centre = ct.index_to_lps((np.array(ct.size_ijk)[None] - 1) / 2.0)[0]
-    origin = centre - (np.array(SIZE_IJK) - 1) / 2.0 * np.array(SPACING_MM)
+    origin = ct.centre_lps() - (np.array(SIZE_IJK) - 1) / 2.0 * np.array(SPACING_MM)
     return grid_like(SIZE_IJK, SPACING_MM, origin, np.eye(3))
 
 

@@ -71,6 +71,10 @@ class Volume:
         corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])])
         return self.index_to_lps(corners)
 
+    def centre_lps(self) -> np.ndarray:
+        """LPS position (3,) of the grid's centre (between the corner voxels' centres)."""
+        return self.index_to_lps(((np.array(self.size_ijk) - 1) / 2.0)[None])[0]
+
     def same_grid(self, other: Volume, tol_mm: float = 1e-3) -> bool:
         """True when both volumes sample the same voxel centres."""
         return (

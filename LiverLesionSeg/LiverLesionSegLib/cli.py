@@ -134,7 +134,7 @@ def _train(args) -> int:
         from LiverLesionSegLib.model_io import load_model
 
         start = load_model(args.init, "cpu")
-        init = ({k: v.clone() for k, v in start.module.state_dict().items()}, start.normalisation)
+        init = (start.module.state_dict(), start.normalisation)
     model, normalisation, info = train(cases[:-args.val_cases], cases[-args.val_cases:], args.out, config,
                                        device=pick_device(args.device), resume=args.resume, init=init)
     manifest = json.loads((args.data / "dataset.json").read_text())

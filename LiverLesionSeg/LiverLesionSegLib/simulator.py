@@ -64,9 +64,10 @@ class Case:
 
 
 def _case_grid(abdomen: Abdomen, spacing: tuple[float, float, float], margin_mm: float | None) -> Volume:
-    """The liver's bounding box plus `margin_mm`, or (None) the abdominal CT's whole field of view."""
+    """The liver's bounding box plus `margin_mm`, or (None) the abdominal CT's whole field of view
+    (the box around all eight corners, so an oblique CT is covered too)."""
     if margin_mm is None:
-        corners = abdomen.ct.index_to_lps(np.array([[0, 0, 0], np.array(abdomen.ct.size_ijk) - 1]))
+        corners = abdomen.ct.corners_lps()
         lo, hi = corners.min(axis=0), corners.max(axis=0)
     else:
         k, j, i = np.nonzero(abdomen.mask("liver"))
@@ -177,7 +178,7 @@ def simulate_case(abdomen: Abdomen, seed: int, phases: tuple[str, ...] = ("arter
     ids, depth, lesion_list = _place_lesions(liver, grid, rng, int(rng.integers(lesions[0], lesions[1] + 1)), kinds)
     texture = _smooth_noise(plain.shape, rng, sigma=1.0)
     soft = {name: ndimage.gaussian_filter((organs == LABELS[name]).astype(np.float32), 0.7) for name in ENHANCEMENT}
-    centre = grid.index_to_lps((np.array(grid.size_ijk)[None] - 1) / 2.0)[0]
+    centre = grid.centre_lps()
 
     out, truth = {}, {}
     for phase in phases:

@@ -188,12 +188,10 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
             progress((epoch + 1) / config.epochs,
                      f"epoch {epoch + 1}/{config.epochs}: val loss {scores['val_loss']:.4f}, "
                      f"lesion Dice {scores['val_lesion_dice']:.3f}, liver Dice {scores['val_liver_dice']:.3f}")
-        else:
-            scores = {"val_loss": math.inf}
+            if scores["val_loss"] < best["val_loss"]:
+                best = {"epoch": epoch, **scores}
+                save_atomic({"model": model.state_dict(), "epoch": epoch}, out_dir / "best.pt")
         history.append({**record, "seconds": time.perf_counter() - t0})
-        if scores["val_loss"] < best["val_loss"]:
-            best = {"epoch": epoch, **scores}
-            save_atomic({"model": model.state_dict(), "epoch": epoch}, out_dir / "best.pt")
         save_atomic({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "epoch": epoch, "history": history, "best": best, "normalisation": normalisation.to_json(),
                       "config": dataclasses.asdict(config)}, checkpoint)

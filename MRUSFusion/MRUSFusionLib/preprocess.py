@@ -41,7 +41,7 @@ def fusion_grid(mr: Volume, liver: Volume | None = None, size: int = GRID_SIZE) 
         hi = np.array([i.max(), j.max(), k.max()])
         centre = liver.index_to_lps(((lo + hi) / 2)[None])[0]
     else:
-        centre = mr.index_to_lps(((np.array(mr.size_ijk) - 1) / 2)[None])[0]
+        centre = mr.centre_lps()
     spacing = np.full(3, GRID_SPACING_MM)
     origin = centre - mr.direction @ (spacing * (size - 1) / 2)
     return grid_like((size,) * 3, spacing, origin, mr.direction)
