@@ -26,10 +26,22 @@ def test_lesion_patches_see_small_lesions_as_often_as_large_ones():
     rng = np.random.default_rng(0)
     with_small = 0
     for _ in range(200):
-        _, patch = _patch(image, label, lesions, 16, rng, lesion=True)
+        _, patch = _patch(image, label, lesions, np.array([], int), 16, rng, "lesion")
         assert patch.shape == (16, 16, 16) and (patch == 2).any()  # every lesion patch holds a lesion
         with_small += bool((patch == 2).sum() < 100)
     assert 70 < with_small < 130  # about half; drawing voxels instead would give the small one 8 / 27008
+
+
+def test_liver_patches_hold_liver_where_random_ones_rarely_do():
+    label = np.zeros((60, 120, 120), np.uint8)
+    label[40:50, 90:110, 90:110] = 1  # 1.7% of the field, as a liver in a whole abdomen is a few percent
+    image = np.zeros((1, *label.shape), np.float32)
+    liver = np.flatnonzero(label == 1)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        assert (_patch(image, label, [], liver, 16, rng, "liver")[1] == 1).any()
+    anywhere = sum(bool((_patch(image, label, [], liver, 16, rng, "any")[1] == 1).any()) for _ in range(200))
+    assert anywhere < 100
 
 
 def _cases() -> list[TrainingCase]:

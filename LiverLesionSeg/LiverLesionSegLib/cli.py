@@ -23,7 +23,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-share", type=float, default=0.25,
                    help="share of cases built on a synthetic abdomen instead (anatomical variety)")
     p.add_argument("--field-of-view", choices=["abdomen", "liver"], default="abdomen",
-                   help="the abdominal CT's whole field of view (default; what a network must learn on), "
+                   help="the abdominal CT's whole in-plane field of view over its labelled slices (default; what "
+                        "a network must learn on), "
                         "or the liver's box plus 25 mm (small, for quick experiments)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=_simulate)
@@ -36,6 +37,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--lesion-fraction", type=float, help="share of patches centred on a lesion")
+    p.add_argument("--liver-fraction", type=float, help="share of patches centred on a liver voxel")
     p.add_argument("--val-every", type=int, help="validate every n epochs (validation is whole-case inference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
@@ -123,7 +125,7 @@ def _train(args) -> int:
 
     configure_threads()
     config = TrainConfig(seed=args.seed)
-    for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction", "val_every"):
+    for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction", "liver_fraction", "val_every"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     cases = read_dataset(args.data, progress=print_progress)

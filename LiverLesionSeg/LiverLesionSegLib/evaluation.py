@@ -1,8 +1,9 @@
 """`deepnav liver evaluate`: the shipped model on simulated studies never used in training.
 
-Each study covers the abdominal CT's whole field of view at 1.5 mm (as a real series does, so that
-false positives outside the liver count) and has an arterial and a portal venous phase (venous
-misaligned by a known rigid motion); it is segmented twice through `segment_study`: with both
+Each study covers the abdominal CT's whole in-plane field of view at 1.5 mm over the slices that
+carry organ labels (as a real series does in-plane, so that false positives outside the liver
+count) and has an arterial and a portal venous phase (venous misaligned by a known rigid
+motion); it is segmented twice through `segment_study`: with both
 phases, and with the venous phase alone (the method's claim is that fusing phases helps). Scores:
 - lesion Dice per case (all lesion voxels of the case) and global (all cases' voxels pooled);
 - lesion-wise recall and precision: a lesion counts as found when a predicted lesion overlaps it

@@ -64,10 +64,15 @@ class Case:
 
 
 def _case_grid(abdomen: Abdomen, spacing: tuple[float, float, float], margin_mm: float | None) -> Volume:
-    """The liver's bounding box plus `margin_mm`, or (None) the abdominal CT's whole field of view
-    (the box around all eight corners, so an oblique CT is covered too)."""
+    """The liver's bounding box plus `margin_mm`, or (None) the abdominal CT's whole field of view over
+    the slices that carry organ labels (the box around that slab's eight corners, so an oblique CT is
+    covered too). Only labelled organs get their contrast enhancement: beyond the slab, an
+    unenhanced liver labelled background would teach the network that liver is background."""
     if margin_mm is None:
-        corners = abdomen.ct.corners_lps()
+        n = np.array(abdomen.ct.size_ijk) - 1
+        k = np.nonzero(abdomen.labels.array.any(axis=(1, 2)))[0]
+        corners = abdomen.ct.index_to_lps(np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1])
+                                                    for c in (k.min(), k.max())], dtype=float))
         lo, hi = corners.min(axis=0), corners.max(axis=0)
     else:
         k, j, i = np.nonzero(abdomen.mask("liver"))
@@ -164,9 +169,9 @@ def simulate_case(abdomen: Abdomen, seed: int, phases: tuple[str, ...] = ("arter
     registers venous to arterial). `motion`: the largest misalignment of the other phases
     (degrees per axis, mm per axis). `kinds`: the lesion kinds drawn from. `grid`: the study's
     grid (LPS) when given, e.g. a full 512x512 scanner field of view; by default the liver's
-    bounding box plus `margin_mm` at `spacing`, or the abdominal CT's whole field of view when
-    `margin_mm` is None (what training needs: a network that never saw the rest of the body calls
-    parts of it liver)."""
+    bounding box plus `margin_mm` at `spacing`, or the abdominal CT's whole in-plane field of view
+    over its labelled slices when `margin_mm` is None (what training needs: a network that never
+    saw the rest of the body calls parts of it liver)."""
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise ValueError(f"unknown phases {sorted(unknown)}; known: {PHASES}")

@@ -4,7 +4,9 @@ lowest-validation-loss weights kept, resumable checkpoints, seeds.
 
 Patches are 64^3 voxels (96 mm at 1.5 mm); a share (`lesion_fraction`) is centred on a lesion
 (lesions are a small share of the liver, as nnU-Net oversamples foreground): a lesion is drawn
-first, then a voxel of it, so that 5 mm lesions are seen as often as 60 mm ones. The learning rate
+first, then a voxel of it, so that 5 mm lesions are seen as often as 60 mm ones; another share
+(`liver_fraction`) on a liver voxel (the liver is a few percent of an abdominal field of view);
+the rest anywhere. The learning rate
 decays polynomially (nnU-Net's schedule) to settle the weights in the last epochs. Phase dropout (each present
 phase zeroed with probability 0.3, at least one kept) teaches the network to work on any subset
 of phases, so that one model serves 1 to 4 phases.
@@ -45,6 +47,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_decay_power: float = 0.9  # lr * (1 - epoch / epochs) ** power
     lesion_fraction: float = 0.33
+    liver_fraction: float = 0.33
     val_every: int = 1  # validate (and maybe keep the weights) every n epochs and after the last
     phase_drop: float = 0.3
     focal_weight: float = 1.0  # the method's a
@@ -63,7 +66,9 @@ def make_loss(config: TrainConfig) -> DiceFocalLoss:
 
 def augmentation(seed: int) -> mt.Compose:
     """The method's list: scaling, Gaussian noise, Gaussian blur, brightness, contrast,
-    low-resolution simulation, gamma, mirroring (MONAI's implementations)."""
+    low-resolution simulation, gamma, mirroring (MONAI's implementations). Mirroring is along the
+    superior-inferior and anterior-posterior axes only: a left-right flip puts the liver where the
+    spleen is, and the side is what tells them apart in the portal venous phase."""
     keys = ["image", "label"]
     compose = mt.Compose([
         mt.RandZoomd(keys, prob=0.3, min_zoom=0.85, max_zoom=1.15, mode=("trilinear", "nearest"), keep_size=True),
@@ -74,8 +79,7 @@ def augmentation(seed: int) -> mt.Compose:
         mt.RandSimulateLowResolutiond("image", prob=0.2, zoom_range=(0.5, 1.0)),
         mt.RandAdjustContrastd("image", prob=0.2, gamma=(0.7, 1.5)),  # gamma
         mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
-        mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
-        mt.RandFlipd(keys, prob=0.5, spatial_axis=2),
+        mt.RandFlipd(keys, prob=0.5, spatial_axis=1),  # (z, y, x) arrays: axis 2 is x, left-right
     ])
     compose.set_random_state(seed)
     return compose
@@ -88,13 +92,16 @@ def _lesion_voxels(label: np.ndarray) -> list[np.ndarray]:
             for n, box in enumerate(ndimage.find_objects(components))]
 
 
-def _patch(image: np.ndarray, label: np.ndarray, lesions: list[np.ndarray], size: int, rng: np.random.Generator,
-           lesion: bool):
-    """A size^3 patch (padded where the case is smaller), centred on a voxel of a random lesion or anywhere."""
+def _patch(image: np.ndarray, label: np.ndarray, lesions: list[np.ndarray], liver: np.ndarray, size: int,
+           rng: np.random.Generator, centre_on: str):
+    """A size^3 patch (padded where the case is smaller), centred on a voxel of a random lesion
+    (`centre_on` "lesion"), a liver voxel ("liver": `liver` holds their flat indices) or anywhere."""
     shape = np.array(label.shape)
-    if lesion and lesions:
+    if centre_on == "lesion" and lesions:
         voxels = lesions[int(rng.integers(len(lesions)))]
         centre = voxels[rng.integers(len(voxels))]
+    elif centre_on == "liver" and len(liver):
+        centre = np.array(np.unravel_index(liver[rng.integers(len(liver))], label.shape))
     else:
         centre = rng.integers(0, shape)
     lo = np.clip(centre - size // 2, 0, np.maximum(shape - size, 0))
@@ -105,6 +112,11 @@ def _patch(image: np.ndarray, label: np.ndarray, lesions: list[np.ndarray], size
         img = np.pad(img, [(0, 0), *pad])
         lab = np.pad(lab, pad)
     return img, lab
+
+
+def _patch_centre(rng: np.random.Generator, config: TrainConfig) -> str:
+    u = rng.random()
+    return "lesion" if u < config.lesion_fraction else "liver" if u < config.lesion_fraction + config.liver_fraction else "any"
 
 
 def _drop_phases(image: np.ndarray, present: list[int], rng: np.random.Generator, p: float) -> np.ndarray:
@@ -133,6 +145,7 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
     inputs = [(normalisation.apply(c.phases_hu), c.label) for c in train_cases]
     present = [[n for n, v in enumerate(x) if np.any(v)] for x, _ in inputs]
     lesions = [_lesion_voxels(label) for _, label in inputs]
+    livers = [np.flatnonzero(label == 1) for _, label in inputs]
     # channels-last 3D: oneDNN's convolutions run about 25% faster on the CPU in this layout (measured)
     model = LesionUNet(width=config.width)
     if init is not None:
@@ -166,7 +179,7 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
             images, labels = [], []
             for _ in range(config.batch):
                 n = int(rng.integers(len(inputs)))
-                image, label = _patch(*inputs[n], lesions[n], config.patch, rng, rng.random() < config.lesion_fraction)
+                image, label = _patch(*inputs[n], lesions[n], livers[n], config.patch, rng, _patch_centre(rng, config))
                 image = _drop_phases(image, present[n], rng, config.phase_drop)
                 sample = augment({"image": torch.from_numpy(image), "label": torch.from_numpy(label[None].astype(np.float32))})
                 images.append(torch.as_tensor(sample["image"]))
