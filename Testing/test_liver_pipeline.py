@@ -16,7 +16,7 @@ from LiverLesionSegLib.network import LesionUNet
 from LiverLesionSegLib.pipeline import read_phase, segment_study
 from LiverLesionSegLib.preprocess import Normalisation
 from LiverLesionSegLib.simulator import simulate_case
-from LiverLesionSegLib.statistics import label_lesions, lesion_statistics
+from LiverLesionSegLib.statistics import label_lesions, largest_component, lesion_statistics
 from torch import nn
 
 from conftest import oblique_volume
@@ -59,6 +59,17 @@ def test_lesion_statistics_in_physical_units():
     centre = grid.index_to_lps(np.array([[30.0, 30.0, 15.0]]))[0]
     np.testing.assert_allclose(rows[0]["centre_lps_mm"], centre, atol=0.1)
     np.testing.assert_allclose(rows[0]["centre_ras_mm"], centre * [-1, -1, 1], atol=0.1)
+
+
+def test_the_liver_is_the_largest_component_and_lesions_outside_it_go():
+    grid = grid_like((60, 60, 20), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3))
+    liver, blob = sphere(grid, (20, 30, 10), 25.0), sphere(grid, (52, 30, 10), 8.0)  # blob: e.g. on the spleen
+    lesion_in_liver, lesion_in_blob = sphere(grid, (20, 30, 10), 6.0), sphere(grid, (52, 30, 10), 4.0)
+    kept = largest_component(liver | blob)
+    assert np.array_equal(kept, liver)
+    ids = label_lesions((lesion_in_liver | lesion_in_blob) & kept, grid)
+    assert ids.max() == 1 and np.all(ids[lesion_in_liver] == 1)
+    assert not largest_component(np.zeros((3, 3, 3), bool)).any()
 
 
 def test_simulated_cases_round_trip_through_the_msd_layout(tmp_path):

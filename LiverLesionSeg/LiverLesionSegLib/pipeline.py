@@ -1,7 +1,7 @@
 """One study in, lesions out: read the phases, register them to the reference phase, resample and
 normalise, segment with a sliding window, bring the result back to the reference phase's grid,
-separate and measure the lesions. The command line, the evaluation and the Slicer module all call
-`segment_study`."""
+keep the liver's largest connected component, separate and measure the lesions inside it. The
+command line, the evaluation and the Slicer module all call `segment_study`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from LiverLesionSegLib.model_io import LoadedModel
 from LiverLesionSegLib.phase_registration import check_ct_hu, register_phase, register_phase_sitk
 from LiverLesionSegLib.preprocess import reference_phase, resample, working_grid
 from LiverLesionSegLib.simulator import PHASES
-from LiverLesionSegLib.statistics import label_lesions, lesion_statistics, write_statistics
+from LiverLesionSegLib.statistics import label_lesions, largest_component, lesion_statistics, write_statistics
 
 REGISTRATION = {"pso-powell": register_phase, "sitk": register_phase_sitk}
 
@@ -130,7 +130,7 @@ def segment_study(model: LoadedModel, phases: dict[str, Volume], *, reference: s
     foreground = p_foreground > 0.5
     lesion = foreground & (p_lesion > 0.5 * p_foreground)  # lesion more likely than liver
     del p_foreground, p_lesion
-    liver_mask = foreground if liver is None else (liver.array > 0)
+    liver_mask = largest_component(foreground) if liver is None else (liver.array > 0)
     ids = label_lesions(lesion & liver_mask, ref)
     registered = {name: (volume.array if name == reference else resample(volume, ref, matrices[name]))
                   for name, volume in phases.items()}

@@ -29,6 +29,15 @@ def label_lesions(mask: np.ndarray, grid: Volume) -> np.ndarray:
     return lookup[components]
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of `mask` (the liver is one organ: detached blobs the
+    network calls liver, e.g. on the spleen, go, and the lesions in them with them)."""
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if count <= 1:
+        return mask.astype(bool)
+    return components == 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+
+
 def _longest_axial_diameter(points_lps: np.ndarray, half_pixel: np.ndarray) -> float:
     """Largest edge-to-edge distance within one axial (constant S) slice of the lesion."""
     best = 0.0
