@@ -59,9 +59,12 @@ class TrainConfig:
 
 
 def make_loss(config: TrainConfig) -> DiceFocalLoss:
+    # batch Dice (nnU-Net's choice): overlaps summed over the batch before dividing. Per patch, a
+    # lesion-free patch scores 0 or 1 on the lesion class depending on a few stray voxels, a noisy
+    # term that pushed the network to predict no lesion at all (seen on whole-field cases)
     return DiceFocalLoss(include_background=False, to_onehot_y=True, softmax=True, gamma=config.gamma,
                          weight=[1.0, config.lesion_class_weight], lambda_focal=config.focal_weight,
-                         lambda_dice=config.dice_weight)
+                         lambda_dice=config.dice_weight, batch=True)
 
 
 def augmentation(seed: int) -> mt.Compose:
