@@ -1,13 +1,12 @@
 """`deepnav liver evaluate`'s code on a simulated two-phase study never used in training (an
 evaluation seed, synthetic abdomen, whole field of view): the report has the issue's keys; and the
 shipped model finds and delineates the lesions, segments the liver without calling other organs
-liver, and says what it was trained on (expected to fail until a model ships: issue 5)."""
+liver, and says what it was trained on."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from LiverLesionSegLib.abdomen import synthetic_abdomen
 from LiverLesionSegLib.evaluation import evaluate, write_report
@@ -15,12 +14,9 @@ from LiverLesionSegLib.model_io import SHIPPED_MODEL, load_model, save_model
 from LiverLesionSegLib.network import LesionUNet
 from LiverLesionSegLib.preprocess import Normalisation
 
-from deepnav.errors import InputError
 from deepnav.progress import silent
 
 LESION_KEYS = {"lesion_dice_per_case", "lesion_dice_global", "lesion_recall", "lesion_precision"}
-NOT_YET = pytest.mark.xfail(strict=True, raises=InputError, reason="no liver model ships yet (issue 5): "
-                            "remove this marker when one does")
 
 
 def test_evaluation_report_has_the_issues_keys(tmp_path):
@@ -42,14 +38,12 @@ def test_evaluation_report_has_the_issues_keys(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["summary"] == summary
 
 
-@NOT_YET
 def test_shipped_model_says_it_was_trained_on_simulated_lesions():
     record = load_model(SHIPPED_MODEL, "cpu").record
     assert "simulated" in record["training"]["data_description"]
     assert set(record["normalisation"]["mean"]) == {"plain", "arterial", "venous", "delayed"}
 
 
-@NOT_YET
 def test_shipped_model_finds_and_delineates_the_lesions():
     report = evaluate(load_model(SHIPPED_MODEL, "cpu"), synthetic_abdomen, cases=1, seed=998, progress=silent)
     case = report["cases"][0]
