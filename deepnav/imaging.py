@@ -65,10 +65,12 @@ class Volume:
         m = np.linalg.inv(self.ijk_to_lps())
         return np.asarray(points_lps, dtype=np.float64) @ m[:3, :3].T + m[:3, 3]
 
-    def corners_lps(self) -> np.ndarray:
-        """LPS positions (8, 3) of the centres of the eight corner voxels."""
-        n = np.array(self.size_ijk) - 1
-        corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])])
+    def corners_lps(self, lo_ijk=(0, 0, 0), hi_ijk=None) -> np.ndarray:
+        """LPS positions (8, 3) of the centres of the eight corner voxels of the index box
+        lo_ijk..hi_ijk (inclusive; default the whole grid)."""
+        lo = np.asarray(lo_ijk, dtype=float)
+        hi = np.array(self.size_ijk, dtype=float) - 1 if hi_ijk is None else np.asarray(hi_ijk, dtype=float)
+        corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
         return self.index_to_lps(corners)
 
     def centre_lps(self) -> np.ndarray:

@@ -3,8 +3,8 @@
 Each study covers the abdominal CT's whole in-plane field of view at 1.5 mm over the slices that
 carry organ labels (as a real series does in-plane, so that false positives outside the liver
 count) and has an arterial and a portal venous phase (venous misaligned by a known rigid
-motion); it is segmented twice through `segment_study`: with both
-phases, and with the venous phase alone (the method's claim is that fusing phases helps). Scores:
+motion); it is segmented twice through `segment_study`: with both phases, and with the venous
+phase alone (the method's claim is that fusing phases helps). Scores:
 - lesion Dice per case (all lesion voxels of the case) and global (all cases' voxels pooled);
 - lesion-wise recall and precision: a lesion counts as found when a predicted lesion overlaps it
   with Dice >= 0.5 or contains its centroid (and a predicted lesion is correct by the same rule);

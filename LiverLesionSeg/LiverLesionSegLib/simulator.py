@@ -64,20 +64,20 @@ class Case:
 
 
 def _case_grid(abdomen: Abdomen, spacing: tuple[float, float, float], margin_mm: float | None) -> Volume:
-    """The liver's bounding box plus `margin_mm`, or (None) the abdominal CT's whole field of view over
-    the slices that carry organ labels (the box around that slab's eight corners, so an oblique CT is
-    covered too). Only labelled organs get their contrast enhancement: beyond the slab, an
-    unenhanced liver labelled background would teach the network that liver is background."""
+    """The box around the liver's bounding box plus `margin_mm`, or (None) the abdominal CT's whole
+    field of view over the slices that carry organ labels; both taken around the index box's eight
+    corners, so an oblique CT is covered too. Only labelled organs get their contrast enhancement:
+    beyond the slab, an unenhanced liver labelled background would teach the network that liver is
+    background."""
     if margin_mm is None:
         n = np.array(abdomen.ct.size_ijk) - 1
         k = np.nonzero(abdomen.labels.array.any(axis=(1, 2)))[0]
-        corners = abdomen.ct.index_to_lps(np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1])
-                                                    for c in (k.min(), k.max())], dtype=float))
-        lo, hi = corners.min(axis=0), corners.max(axis=0)
+        corners = abdomen.ct.corners_lps((0, 0, k.min()), (n[0], n[1], k.max()))
     else:
         k, j, i = np.nonzero(abdomen.mask("liver"))
-        corners = abdomen.ct.index_to_lps(np.array([[i.min(), j.min(), k.min()], [i.max(), j.max(), k.max()]]))
-        lo, hi = corners.min(axis=0) - margin_mm, corners.max(axis=0) + margin_mm
+        corners = abdomen.ct.corners_lps((i.min(), j.min(), k.min()), (i.max(), j.max(), k.max()))
+    pad = margin_mm or 0.0
+    lo, hi = corners.min(axis=0) - pad, corners.max(axis=0) + pad
     size = np.ceil((hi - lo) / np.array(spacing)).astype(int) + 1
     return grid_like(tuple(size), spacing, lo, np.eye(3))
 

@@ -6,10 +6,10 @@ Patches are 64^3 voxels (96 mm at 1.5 mm); a share (`lesion_fraction`) is centre
 (lesions are a small share of the liver, as nnU-Net oversamples foreground): a lesion is drawn
 first, then a voxel of it, so that 5 mm lesions are seen as often as 60 mm ones; another share
 (`liver_fraction`) on a liver voxel (the liver is a few percent of an abdominal field of view);
-the rest anywhere. The learning rate
-decays polynomially (nnU-Net's schedule) to settle the weights in the last epochs. Phase dropout (each present
-phase zeroed with probability 0.3, at least one kept) teaches the network to work on any subset
-of phases, so that one model serves 1 to 4 phases.
+the rest anywhere. The learning rate decays polynomially (nnU-Net's schedule) to settle the
+weights in the last epochs. Phase dropout (each present phase zeroed with probability 0.3, at
+least one kept) teaches the network to work on any subset of phases, so that one model serves
+1 to 4 phases.
 """
 
 from __future__ import annotations
@@ -118,8 +118,11 @@ def _patch(image: np.ndarray, label: np.ndarray, lesions: list[np.ndarray], live
 
 
 def _patch_centre(rng: np.random.Generator, config: TrainConfig) -> str:
+    """Where the next patch is centred: "lesion", "liver" or "any", in the configured shares."""
     u = rng.random()
-    return "lesion" if u < config.lesion_fraction else "liver" if u < config.lesion_fraction + config.liver_fraction else "any"
+    if u < config.lesion_fraction:
+        return "lesion"
+    return "liver" if u < config.lesion_fraction + config.liver_fraction else "any"
 
 
 def _drop_phases(image: np.ndarray, present: list[int], rng: np.random.Generator, p: float) -> np.ndarray:
