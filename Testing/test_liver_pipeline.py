@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 from LiverLesionSegLib.abdomen import synthetic_abdomen
-from LiverLesionSegLib.dataset import read_case, read_manifest, write_simulated
-from LiverLesionSegLib.evaluation import dice
+from LiverLesionSegLib.dataset import IGNORE, read_case, read_manifest, write_simulated
+from LiverLesionSegLib.evaluation import dice, score_case
 from LiverLesionSegLib.model_io import load_model, save_model
 from LiverLesionSegLib.network import LesionUNet
 from LiverLesionSegLib.pipeline import read_phase, segment_study
@@ -74,14 +74,31 @@ def test_the_liver_is_the_largest_component_and_lesions_outside_it_go():
 
 def test_simulated_cases_round_trip_through_the_msd_layout(tmp_path):
     case = simulate_case(synthetic_abdomen(0), 3, phases=("arterial", "venous"), spacing=(1.5, 1.5, 1.5))
+    case.unknown.array[:4] = 1  # as beyond a cut label stack: truth unknown there
     write_simulated([case], tmp_path)
-    channels, names = read_manifest(tmp_path)
-    assert channels == {0: "arterial", 1: "venous"} and names == ["sim_0000"]
-    loaded = read_case(tmp_path, "sim_0000", channels)
-    assert set(np.unique(loaded.label)) <= {0, 1, 2}
+    channels, names, ignore = read_manifest(tmp_path)
+    assert channels == {0: "arterial", 1: "venous"} and names == ["sim_0000"] and ignore == IGNORE
+    loaded = read_case(tmp_path, "sim_0000", channels, ignore)
+    assert set(np.unique(loaded.label)) <= {0, 1, 2, IGNORE}
     # the working grid has the case's spacing here: the lesion voxels are all there
     assert (loaded.label == 2).sum() == pytest.approx((case.lesions.array > 0).sum(), rel=0.02)
+    unknown = (case.unknown.array > 0) & (case.liver.array == 0)
+    assert (loaded.label == IGNORE).sum() == pytest.approx(unknown.sum(), rel=0.05)
     assert loaded.phases_hu["arterial"].shape == loaded.label.shape
+
+
+def test_unknown_voxels_are_left_out_of_the_scores():
+    case = simulate_case(synthetic_abdomen(0), 3, phases=("arterial",), spacing=(4.0, 4.0, 4.0))
+    truth_liver, truth_lesions = case.liver.array > 0, case.lesions.array
+    assert score_case(case, truth_lesions, truth_liver)["liver_dice"] == 1.0
+    wrong = truth_liver.copy()
+    wrong[:5] = True  # liver called on the lowest slices, where the truth is background...
+    lesions = truth_lesions.copy()
+    lesions[:5, :3, :3] = truth_lesions.max() + 1  # ... and a lesion
+    assert score_case(case, lesions, wrong)["liver_dice"] < 0.99
+    case.unknown.array[:5] = 1  # ... or unknown
+    scores = score_case(case, lesions, wrong)
+    assert scores["liver_dice"] == 1.0 and scores["lesions_predicted"] == scores["lesions_true"]
 
 
 class VenousThreshold(nn.Module):

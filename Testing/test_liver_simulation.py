@@ -6,14 +6,15 @@ import time
 
 import numpy as np
 import pytest
-from LiverLesionSegLib.abdomen import load_abdomen, synthetic_abdomen
+from LiverLesionSegLib.abdomen import LABELS, UNKNOWN, UNKNOWN_DEPTH_MM, load_abdomen, synthetic_abdomen
+from LiverLesionSegLib.dataset import IGNORE, case_label
 from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk, transform_error_mm
 from LiverLesionSegLib.preprocess import resample
 from LiverLesionSegLib.simulator import simulate_case
 
 from conftest import ROOT
 from deepnav.errors import InputError
-from deepnav.imaging import grid_like
+from deepnav.imaging import Volume, grid_like, write_volume
 
 DATA = ROOT.parent / "shared" / "data" / "abdomen"
 
@@ -64,21 +65,52 @@ def test_lesions_enhance_by_kind_across_phases():
     assert median[("haemangioma", "delayed")] > median[("haemangioma", "arterial")]  # centripetal filling
 
 
-def test_training_cases_cover_the_labelled_abdomen_or_a_given_scanner_grid():
+def test_studies_cover_the_whole_ct_the_labelled_slab_the_liver_or_a_given_scanner_grid():
     abdomen = synthetic_abdomen(0)
     abdomen.labels.array[:5] = 0  # organ labels on slices 5.. only, as the real CT's cover 30 of 112
-    whole = simulate_case(abdomen, 1, spacing=(6, 6, 6), margin_mm=None).phases["arterial"]
     ct_corners = abdomen.ct.corners_lps()
-    far_corner = whole.index_to_lps(np.array(whole.size_ijk)[None] - 1.0)[0]
-    # the CT's whole in-plane field of view, and in z the labelled slices (unlabelled ones get no contrast)
-    np.testing.assert_allclose(whole.origin[:2], ct_corners.min(axis=0)[:2])
-    assert np.all(far_corner >= ct_corners.max(axis=0) - 1e-6)
-    np.testing.assert_allclose(whole.origin[2], abdomen.ct.index_to_lps(np.array([[0.0, 0.0, 5.0]]))[0, 2])
-    liver_box = simulate_case(abdomen, 1, spacing=(6, 6, 6)).phases["arterial"]
-    assert np.prod(liver_box.size_ijk) < 0.5 * np.prod(whole.size_ijk)
+    fields = {field: simulate_case(abdomen, 1, spacing=(6, 6, 6), field=field).phases["arterial"]
+              for field in ("ct", "slab", "liver")}
+    for field in ("ct", "slab"):  # the CT's whole in-plane field of view
+        grid = fields[field]
+        far_corner = grid.index_to_lps(np.array(grid.size_ijk)[None] - 1.0)[0]
+        np.testing.assert_allclose(grid.origin[:2], ct_corners.min(axis=0)[:2])
+        assert np.all(far_corner[:2] >= ct_corners.max(axis=0)[:2] - 1e-6)
+    # in z the whole CT, or the labelled slices only
+    np.testing.assert_allclose(fields["ct"].origin[2], ct_corners.min(axis=0)[2])
+    np.testing.assert_allclose(fields["slab"].origin[2], abdomen.ct.index_to_lps(np.array([[0.0, 0.0, 5.0]]))[0, 2])
+    assert np.prod(fields["liver"].size_ijk) < 0.5 * np.prod(fields["slab"].size_ijk)
     scanner = grid_like((40, 30, 20), (8.0, 8.0, 10.0), (-160.0, -120.0, 0.0), np.eye(3))
     given = simulate_case(abdomen, 1, grid=scanner)
     assert given.phases["arterial"].same_grid(scanner) and given.lesions.same_grid(scanner)
+    with pytest.raises(ValueError, match="unknown field"):
+        simulate_case(abdomen, 1, field="abdomen")
+
+
+def test_liver_beyond_a_cut_label_stack_is_marked_unknown_not_background(tmp_path):
+    """As the real CT's labels: a stack cut through the liver. Every liver voxel the cut took away
+    must be UNKNOWN (not background, which would teach the network that liver is background); the
+    other side of the body and the slices far below stay known."""
+    abdomen = synthetic_abdomen(2)
+    full = abdomen.labels.array
+    cut = 30  # slices 30.. keep their labels (z >= 90 mm); the liver goes down to about z = 35 mm
+    write_volume(abdomen.ct, tmp_path / "ct.nii.gz")
+    # with the CT's own origin, as the real label file: load_abdomen finds where the stack goes
+    write_volume(Volume(full[cut:], abdomen.ct.spacing, abdomen.ct.origin, abdomen.ct.direction), tmp_path / "labels.nii.gz")
+    loaded = load_abdomen(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz")
+    assert loaded.z_offset == cut
+    labels = loaded.labels.array
+    cut_liver = full[:cut] == LABELS["liver"]
+    assert cut_liver.any() and np.all(labels[:cut][cut_liver] == UNKNOWN)
+    depth = int(UNKNOWN_DEPTH_MM / abdomen.ct.spacing[2])
+    assert not (labels[: cut - depth] == UNKNOWN).any()
+    assert not (labels[:cut][full[:cut] == LABELS["spleen"]] == UNKNOWN).any()
+    np.testing.assert_array_equal(labels[cut:], full[cut:])
+    # carried into a simulated study and its training label
+    case = simulate_case(loaded, 3, spacing=(6, 6, 6), field="ct")
+    assert case.unknown is not None and case.unknown.array.any()
+    assert not (case.liver.array[case.unknown.array > 0]).any()
+    assert np.all(case_label(case)[case.unknown.array > 0] == IGNORE)
 
 
 def test_unknown_phase_is_refused():

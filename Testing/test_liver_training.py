@@ -1,19 +1,46 @@
-"""Training the lesion network: small lesions are sampled as often as large ones, the learning rate
-follows the polynomial schedule, and an interrupted run resumed from its checkpoint ends with the
-same weights as an uninterrupted one (determinism and resumability together)."""
+"""Training the lesion network: the loss leaves out voxels whose truth is unknown, small lesions
+are sampled as often as large ones, the learning rate follows the polynomial schedule, and an
+interrupted run resumed from its checkpoint ends with the same weights as an uninterrupted one
+(determinism and resumability together)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from LiverLesionSegLib.abdomen import synthetic_abdomen
-from LiverLesionSegLib.dataset import TrainingCase, case_label
+from LiverLesionSegLib.dataset import IGNORE, TrainingCase, case_label
 from LiverLesionSegLib.simulator import simulate_case
-from LiverLesionSegLib.training import TrainConfig, _lesion_voxels, _patch, train
+from LiverLesionSegLib.training import TrainConfig, _lesion_voxels, _patch, make_loss, train
+from monai.losses import DiceFocalLoss
 
 from deepnav.progress import Cancelled, CancelToken
+
+
+def test_loss_is_the_methods_focal_plus_dice_and_ignores_unknown_voxels():
+    config = TrainConfig()
+    loss = make_loss(config)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 12, 12, 12, generator=generator, requires_grad=True)
+    target = torch.randint(0, 3, (2, 1, 12, 12, 12), generator=generator).float()
+    monai_loss = DiceFocalLoss(include_background=False, to_onehot_y=True, softmax=True, gamma=config.gamma,
+                               weight=[1.0, config.lesion_class_weight], batch=True)
+    with torch.no_grad():
+        assert float(loss(logits, target)) == pytest.approx(float(monai_loss(logits, target)), rel=1e-5)
+    ignored = target.clone()
+    ignored[:, :, :6] = IGNORE
+    value = loss(logits, ignored)
+    value.backward()
+    value = value.detach()
+    assert torch.all(logits.grad[:, :, :6] == 0) and torch.any(logits.grad[:, :, 6:] != 0)
+    changed = logits.detach().clone()
+    changed[:, :, :6] = 10 * torch.randn(2, 3, 6, 12, 12, generator=generator)
+    assert float(loss(changed, ignored)) == pytest.approx(float(value), rel=1e-6)
+    # and the rest still counts: the same as the loss on the known half alone
+    with torch.no_grad():
+        assert float(value) == pytest.approx(float(loss(logits[:, :, 6:], target[:, :, 6:])), rel=1e-5)
 
 
 def test_lesion_patches_see_small_lesions_as_often_as_large_ones():

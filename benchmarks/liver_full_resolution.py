@@ -6,7 +6,9 @@ The study is simulated on a scanner's grid, not on the liver's box: 512 x 512 x 
 0.75 x 0.75 x 2.5 mm around the real abdominal CT (arterial reference, venous misaligned by a known
 rigid motion), so the body crop, the working grid and the number of windows are those of a real
 series. Both registrations are run side by side (the shipped PSO + Powell and SimpleITK's Mattes
-MI); lesion and liver Dice are scored against the simulator's labels on the full-resolution grid.
+MI); lesion and liver Dice and lesion recall are scored against the simulator's labels on the
+full-resolution grid (leaving out, as `deepnav liver evaluate` does, the few centimetres beyond the
+real CT's organ labels where the liver may go on unlabelled).
 
     python benchmarks/liver_full_resolution.py --runs 2 --json benchmarks/results/liver_full_resolution_cpu.json
 """
@@ -27,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "LiverLesionSeg")]
 
 import numpy as np  # noqa: E402
 from LiverLesionSegLib.abdomen import load_abdomen  # noqa: E402
-from LiverLesionSegLib.evaluation import dice  # noqa: E402
+from LiverLesionSegLib.evaluation import score_case  # noqa: E402
 from LiverLesionSegLib.simulator import simulate_case  # noqa: E402
 
 from deepnav.imaging import grid_like, read_volume, write_volume  # noqa: E402
@@ -87,12 +89,15 @@ def main() -> int:
                 out = Path(folder) / f"{registration}-{n}"
                 run = run_segment(phases, registration, args.model, out)
                 lesions, liver = read_volume(out / "lesions.nii.gz").array, read_volume(out / "liver.nii.gz").array
-                run.update(lesion_dice=dice(lesions > 0, case.lesions.array > 0),
-                           liver_dice=dice(liver > 0, case.liver.array > 0))
+                scores = score_case(case, lesions, liver)
+                run.update({key: scores[key] for key in ("lesion_dice", "liver_dice", "lesions_found", "lesions_true",
+                                                          "lesions_predicted", "lesions_correct")})
                 runs.append(run)
                 stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stages_s"].items())
                 print(f"{registration} run {n}: {run['seconds']:.1f} s, peak {run['peak_rss_mib']:.0f} MiB, "
-                      f"lesion Dice {run['lesion_dice']:.3f} (stages, s: {stages})")
+                      f"lesion Dice {run['lesion_dice']:.3f}, liver Dice {run['liver_dice']:.3f}, "
+                      f"{run['lesions_found']}/{run['lesions_true']} lesions found, "
+                      f"{run['lesions_correct']}/{run['lesions_predicted']} predicted correct (stages, s: {stages})")
             results[registration] = {"runs": runs, "seconds": stats([r["seconds"] for r in runs]),
                                      "peak_rss_mib": stats([r["peak_rss_mib"] for r in runs]),
                                      "lesion_dice": runs[0]["lesion_dice"], "liver_dice": runs[0]["liver_dice"]}

@@ -4,7 +4,10 @@
 (non-contrast) abdominal CT at 3 mm with a multi-label segmentation from a model. That label file
 covers only 30 of the CT's 112 slices but carries the CT's full origin, so read as is it lies 82
 slices too low (liver "HU" from -1000 to +570). `load_abdomen` puts a short label stack where the
-labelled liver's HU are most uniform and says so, rather than trusting the header.
+labelled liver's HU are most uniform and says so, rather than trusting the header. The liver goes on
+for a few centimetres beyond the stack's cut (seen on the CT), where nothing says which voxels are
+liver: those slices, under the liver, get the class UNKNOWN, which training ignores and scoring
+leaves out, rather than calling them background.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from deepnav.errors import InputError
 from deepnav.imaging import Volume, grid_like, read_volume
@@ -23,6 +27,9 @@ log = logging.getLogger("deepnav.liver.abdomen")
 # TotalSegmentator (v2) class numbers of the organs whose enhancement differs between phases
 LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "aorta": 52,
           "inferior_vena_cava": 63, "portal_vein": 64}
+UNKNOWN = 255  # ours, not TotalSegmentator's: beyond a cut label stack, may be liver
+UNKNOWN_DEPTH_MM = 60.0  # how far beyond the cut the liver may go on (the lowest tip, with room)
+UNKNOWN_WIDTH_MM = 15.0  # in-plane margin around the liver's cut face
 
 
 @dataclasses.dataclass
@@ -54,7 +61,22 @@ def load_abdomen(ct_path: Path, labels_path: Path) -> Abdomen:
                  n, ct.array.shape[0], offset, spread[offset])
     full = np.zeros(ct.array.shape, np.uint8)
     full[offset:offset + labels.array.shape[0]] = labels.array
+    _mark_unknown_liver(full, offset, offset + labels.array.shape[0], ct.spacing)
     return Abdomen(ct, ct.with_array(full), offset)
+
+
+def _mark_unknown_liver(labels: np.ndarray, start: int, stop: int, spacing: np.ndarray) -> None:
+    """In place: UNKNOWN on the slices within UNKNOWN_DEPTH_MM beyond a label stack that was cut
+    (slices start..stop-1 of a longer CT) with liver on its cut face, under that face widened by
+    UNKNOWN_WIDTH_MM: where the liver may go on (the liver narrows away from its widest part)."""
+    depth = int(round(UNKNOWN_DEPTH_MM / spacing[2]))
+    liver = labels == LABELS["liver"]
+    for face, beyond in ((start, range(max(start - depth, 0), start)),
+                         (stop - 1, range(stop, min(stop + depth, labels.shape[0])))):
+        if not liver[face].any() or not len(beyond):
+            continue  # the stack ends outside the liver, or at the CT's end: nothing unknown
+        near = ndimage.distance_transform_edt(~liver[face], sampling=(spacing[1], spacing[0])) <= UNKNOWN_WIDTH_MM
+        labels[beyond.start:beyond.stop][:, near] = UNKNOWN
 
 
 def synthetic_abdomen(seed: int = 0, spacing_mm: float = 3.0) -> Abdomen:

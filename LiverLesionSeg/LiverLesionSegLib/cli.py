@@ -22,9 +22,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
                    help="folder with example_ct.nii.gz and example_seg.nii.gz (TotalSegmentator classes)")
     p.add_argument("--synthetic-share", type=float, default=0.25,
                    help="share of cases built on a synthetic abdomen instead (anatomical variety)")
-    p.add_argument("--field-of-view", choices=["abdomen", "liver"], default="abdomen",
-                   help="the abdominal CT's whole in-plane field of view over its labelled slices (default; what "
-                        "a network must learn on), "
+    p.add_argument("--field-of-view", choices=["ct", "slab", "liver"], default="ct",
+                   help="the whole abdominal CT (default; what a network must learn on, as a full-length series "
+                        "shows the whole body), its in-plane field of view over the labelled slices only, "
                         "or the liver's box plus 25 mm (small, for quick experiments)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=_simulate)
@@ -108,8 +108,7 @@ def _simulate(args) -> int:
         seed = args.seed * 1000 + n
         abdomen = abdomen_for(seed)
         use_real = abdomen.z_offset != 0
-        case = simulate_case(abdomen, seed, phases=("arterial", "venous", "plain", "delayed"),
-                             margin_mm=None if args.field_of_view == "abdomen" else 25.0)
+        case = simulate_case(abdomen, seed, phases=("arterial", "venous", "plain", "delayed"), field=args.field_of_view)
         write_simulated([case], args.out, start=n)
         kinds = ", ".join(f"{lesion.kind} {lesion.diameter_mm:.0f} mm" for lesion in case.lesion_list)
         print_progress((n + 1) / args.cases, f"case {n} ({'real' if use_real else 'synthetic'} abdomen): {kinds}")

@@ -2,9 +2,10 @@
 
 Each study covers the abdominal CT's whole in-plane field of view at 1.5 mm over the slices that
 carry organ labels (as a real series does in-plane, so that false positives outside the liver
-count) and has an arterial and a portal venous phase (venous misaligned by a known rigid
-motion); it is segmented twice through `segment_study`: with both phases, and with the venous
-phase alone (the method's claim is that fusing phases helps). Scores:
+count; `benchmarks/liver_full_resolution.py` checks a full-length series) and has an arterial and
+a portal venous phase (venous misaligned by a known rigid motion); it is segmented twice through
+`segment_study`: with both phases, and with the venous phase alone (the method's claim is that
+fusing phases helps). Scores:
 - lesion Dice per case (all lesion voxels of the case) and global (all cases' voxels pooled);
 - lesion-wise recall and precision: a lesion counts as found when a predicted lesion overlaps it
   with Dice >= 0.5 or contains its centroid (and a predicted lesion is correct by the same rule);
@@ -50,7 +51,12 @@ def _matches(ids_a: np.ndarray, ids_b: np.ndarray) -> tuple[int, int]:
 
 
 def score_case(case: Case, lesions: np.ndarray, liver: np.ndarray) -> dict:
+    """Scores of one segmentation (arrays on the case's grid); voxels where the truth is unknown
+    (`case.unknown`: maybe liver, beyond the real CT's organ labels) are left out."""
     truth_ids = case.lesions.array
+    if case.unknown is not None:
+        unknown = case.unknown.array > 0
+        lesions, liver = np.where(unknown, 0, lesions), np.where(unknown, 0, liver)
     found, n_true = _matches(truth_ids, lesions)
     correct, n_pred = _matches(lesions, truth_ids)
     return {"lesion_dice": dice(truth_ids > 0, lesions > 0), "lesions_true": n_true, "lesions_found": found,
@@ -75,7 +81,7 @@ def evaluate(model: LoadedModel, abdomen, cases: int, seed: int, progress: Progr
     for n in range(cases):
         case_seed = EVALUATION_SEED_BASE + seed * 1000 + n
         base = abdomen(case_seed)
-        case = simulate_case(base, case_seed, phases=("arterial", "venous"), margin_mm=None)
+        case = simulate_case(base, case_seed, phases=("arterial", "venous"), field="slab")
         t0 = time.perf_counter()
         result = segment_study(model, case.phases)
         runtime = time.perf_counter() - t0
@@ -106,9 +112,9 @@ def _case_in_phase(case: Case, phase: str) -> Case:
 
     grid = case.phases[phase]
     inverse = np.linalg.inv(case.truth[phase])  # phase point -> reference point
-    lesions = grid.with_array(resample(case.lesions, grid, inverse, label=True))
-    liver = grid.with_array(resample(case.liver, grid, inverse, label=True))
-    return Case({phase: grid}, phase, lesions, liver, {phase: np.eye(4)}, case.lesion_list)
+    lesions, liver, unknown = (None if v is None else grid.with_array(resample(v, grid, inverse, label=True))
+                               for v in (case.lesions, case.liver, case.unknown))
+    return Case({phase: grid}, phase, lesions, liver, {phase: np.eye(4)}, case.lesion_list, unknown)
 
 
 def format_table(report: dict) -> str:

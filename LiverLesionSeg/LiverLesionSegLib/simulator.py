@@ -12,7 +12,8 @@ plain abdominal CT (`abdomen.py`) in four steps, all seeded:
    (dark, arterial rim);
 4. misalignment: every phase but the reference is moved by a known small rigid transform
    (breathing between acquisitions), and resampled with cubic splines.
-Label maps (one id per lesion, liver) are exact, in the reference phase's geometry.
+Label maps (one id per lesion, liver) are exact, in the reference phase's geometry, except where the
+organ labels say the truth is unknown (beyond a cut label stack: `Case.unknown`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from deepnav.imaging import Volume, grid_like, matrix_to_affine, rotation_matrix
-from LiverLesionSegLib.abdomen import LABELS, Abdomen
+from LiverLesionSegLib.abdomen import LABELS, UNKNOWN, Abdomen
 from LiverLesionSegLib.phase_registration import rigid_matrix
 
 PHASES = ("plain", "arterial", "venous", "delayed")
@@ -61,22 +62,31 @@ class Case:
     liver: Volume  # uint8 liver (lesions included), reference grid
     truth: dict[str, np.ndarray]  # phase -> 4x4 LPS, reference point -> where it is in that phase
     lesion_list: list[Lesion]
+    unknown: Volume | None = None  # uint8, 1 where the truth is unknown (may be liver: abdomen.UNKNOWN)
 
 
-def _case_grid(abdomen: Abdomen, spacing: tuple[float, float, float], margin_mm: float | None) -> Volume:
-    """The box around the liver's bounding box plus `margin_mm`, or (None) the abdominal CT's whole
-    field of view over the slices that carry organ labels; both taken around the index box's eight
-    corners, so an oblique CT is covered too. Only labelled organs get their contrast enhancement:
-    beyond the slab, an unenhanced liver labelled background would teach the network that liver is
-    background."""
-    if margin_mm is None:
-        n = np.array(abdomen.ct.size_ijk) - 1
-        k = np.nonzero(abdomen.labels.array.any(axis=(1, 2)))[0]
+FIELDS = ("liver", "slab", "ct")  # what a simulated study covers: see `_case_grid`
+LIVER_MARGIN_MM = 25.0
+
+
+def _case_grid(abdomen: Abdomen, spacing: tuple[float, float, float], field: str) -> Volume:
+    """The study's grid (LPS, axial) at `spacing` over `field`: "liver", the liver's bounding box
+    plus LIVER_MARGIN_MM; "slab", the abdominal CT's whole in-plane field of view over the slices
+    that carry organ labels (the liver region of a study); "ct", the whole CT (what a full-length
+    series shows: without it, a network never sees the pelvis and may call it liver). Boxes are
+    taken around all eight corners of an index box, so an oblique CT is covered too."""
+    if field not in FIELDS:
+        raise ValueError(f"unknown field {field!r}; known: {FIELDS}")
+    n = np.array(abdomen.ct.size_ijk) - 1
+    if field == "ct":
+        corners = abdomen.ct.corners_lps()
+    elif field == "slab":
+        k = np.nonzero(((abdomen.labels.array > 0) & (abdomen.labels.array != UNKNOWN)).any(axis=(1, 2)))[0]
         corners = abdomen.ct.corners_lps((0, 0, k.min()), (n[0], n[1], k.max()))
     else:
         k, j, i = np.nonzero(abdomen.mask("liver"))
         corners = abdomen.ct.corners_lps((i.min(), j.min(), k.min()), (i.max(), j.max(), k.max()))
-    pad = margin_mm or 0.0
+    pad = LIVER_MARGIN_MM if field == "liver" else 0.0
     lo, hi = corners.min(axis=0) - pad, corners.max(axis=0) + pad
     size = np.ceil((hi - lo) / np.array(spacing)).astype(int) + 1
     return grid_like(tuple(size), spacing, lo, np.eye(3))
@@ -163,21 +173,19 @@ def random_rigid(rng: np.random.Generator, centre: np.ndarray, max_deg: float = 
 
 def simulate_case(abdomen: Abdomen, seed: int, phases: tuple[str, ...] = ("arterial", "venous"),
                   reference: str | None = None, spacing=(1.5, 1.5, 1.5), lesions: tuple[int, int] = (1, 4),
-                  margin_mm: float | None = 25.0, motion: tuple[float, float] = (3.0, 6.0),
+                  field: str = "liver", motion: tuple[float, float] = (3.0, 6.0),
                   kinds: tuple[str, ...] = KINDS, grid: Volume | None = None) -> Case:
     """One simulated study. `reference` defaults to the first phase given (the method's example
     registers venous to arterial). `motion`: the largest misalignment of the other phases
     (degrees per axis, mm per axis). `kinds`: the lesion kinds drawn from. `grid`: the study's
-    grid (LPS) when given, e.g. a full 512x512 scanner field of view; by default the liver's
-    bounding box plus `margin_mm` at `spacing`, or the abdominal CT's whole in-plane field of view
-    over its labelled slices when `margin_mm` is None (what training needs: a network that never
-    saw the rest of the body calls parts of it liver)."""
+    grid (LPS) when given, e.g. a full 512x512 scanner field of view; by default `field` (one of
+    FIELDS) at `spacing`."""
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise ValueError(f"unknown phases {sorted(unknown)}; known: {PHASES}")
     reference = reference or phases[0]
     rng = np.random.default_rng(seed)
-    grid = grid if grid is not None else _case_grid(abdomen, spacing, margin_mm)
+    grid = grid if grid is not None else _case_grid(abdomen, spacing, field)
     plain, organs = _vary_anatomy(abdomen, grid, rng)
     liver = organs == LABELS["liver"]
     ids, depth, lesion_list = _place_lesions(liver, grid, rng, int(rng.integers(lesions[0], lesions[1] + 1)), kinds)
@@ -203,4 +211,6 @@ def simulate_case(abdomen: Abdomen, seed: int, phases: tuple[str, ...] = ("arter
         out[phase] = volume.with_array(np.clip(np.round(volume.array), -1024, 3071).astype(np.int16))
         truth[phase] = matrix
     liver_all = (liver | (ids > 0)).astype(np.uint8)
-    return Case(out, reference, grid.with_array(ids), grid.with_array(liver_all), truth, lesion_list)
+    unknown = (organs == UNKNOWN).astype(np.uint8)
+    return Case(out, reference, grid.with_array(ids), grid.with_array(liver_all), truth, lesion_list,
+                grid.with_array(unknown))

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.losses import DiceFocalLoss
+from monai.losses import DiceLoss, FocalLoss
+from monai.networks import one_hot
 from scipy import ndimage
 
 from deepnav.model_files import save_atomic
 from deepnav.progress import CancelToken, ProgressCallback, print_progress
 from deepnav.torch_runtime import seed_everything
-from LiverLesionSegLib.dataset import TrainingCase
+from LiverLesionSegLib.dataset import IGNORE, TrainingCase
 from LiverLesionSegLib.evaluation import dice
 from LiverLesionSegLib.inference import predict_logits
 from LiverLesionSegLib.network import LesionUNet
@@ -58,13 +59,35 @@ class TrainConfig:
     seed: int = 0
 
 
-def make_loss(config: TrainConfig) -> DiceFocalLoss:
-    # batch Dice (nnU-Net's choice): overlaps summed over the batch before dividing. Per patch, a
-    # lesion-free patch scores 0 or 1 on the lesion class depending on a few stray voxels, a noisy
-    # term that pushed the network to predict no lesion at all (seen on whole-field cases)
-    return DiceFocalLoss(include_background=False, to_onehot_y=True, softmax=True, gamma=config.gamma,
-                         weight=[1.0, config.lesion_class_weight], lambda_focal=config.focal_weight,
-                         lambda_dice=config.dice_weight, batch=True)
+class MaskedDiceFocalLoss(torch.nn.Module):
+    """The method's focal + Dice loss (MONAI's DiceFocalLoss with softmax, liver and lesion
+    classes), leaving out voxels labelled IGNORE (where the truth is unknown). MONAI's
+    DiceFocalLoss takes no mask, and its MaskedDiceLoss masks the logits before the softmax, which
+    gives masked voxels probability 1/3 for every class; here the probabilities and the per-voxel
+    focal terms are masked instead. With nothing ignored, equal to DiceFocalLoss (tested).
+
+    Dice is batch Dice (nnU-Net's choice): overlaps summed over the batch before dividing. Per
+    patch, a lesion-free patch scores 0 or 1 on the lesion class depending on a few stray voxels, a
+    noisy term that pushed the network to predict no lesion at all (seen on whole-field cases)."""
+
+    def __init__(self, config: TrainConfig):
+        super().__init__()
+        weight = [1.0, config.lesion_class_weight]
+        self.dice = DiceLoss(include_background=False, batch=True, weight=weight)
+        self.focal = FocalLoss(include_background=False, gamma=config.gamma, weight=weight, reduction="none")
+        self.dice_weight, self.focal_weight = config.dice_weight, config.focal_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits (B, 3, ...); target (B, 1, ...) with 0/1/2 and IGNORE."""
+        known = (target != IGNORE).to(logits.dtype)
+        onehot = one_hot(torch.where(target == IGNORE, 0, target), num_classes=logits.shape[1]) * known
+        dice = self.dice(torch.softmax(logits, dim=1) * known, onehot)
+        focal = (self.focal(logits, onehot) * known).sum() / (known.sum() * (logits.shape[1] - 1)).clamp_min(1)
+        return self.dice_weight * dice + self.focal_weight * focal
+
+
+def make_loss(config: TrainConfig) -> MaskedDiceFocalLoss:
+    return MaskedDiceFocalLoss(config)
 
 
 def augmentation(seed: int) -> mt.Compose:
@@ -223,15 +246,16 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
 @torch.no_grad()
 def validate(model: LesionUNet, cases: list[TrainingCase], normalisation: Normalisation, loss_fn, device,
              cancel: CancelToken | None = None) -> dict:
-    """Whole-case validation: mean loss, lesion and liver Dice (all phases given)."""
+    """Whole-case validation: mean loss, lesion and liver Dice (all phases given; IGNORE voxels left out)."""
     model.eval()
     losses, lesion, liver = [], [], []
     for case in cases:
         logits = predict_logits(model, normalisation.apply(case.phases_hu), device, cancel=cancel)
         target = torch.from_numpy(case.label.astype(np.float32))[None, None]
         losses.append(float(loss_fn(logits[None], target)))
-        prediction = logits.argmax(0).numpy()
-        lesion.append(dice(prediction == 2, case.label == 2))
-        liver.append(dice(prediction > 0, case.label > 0))
+        known = case.label != IGNORE
+        prediction, label = logits.argmax(0).numpy()[known], case.label[known]
+        lesion.append(dice(prediction == 2, label == 2))
+        liver.append(dice(prediction > 0, label > 0))
     return {"val_loss": float(np.mean(losses)), "val_lesion_dice": float(np.mean(lesion)),
             "val_liver_dice": float(np.mean(liver))}
