@@ -87,30 +87,52 @@ def test_studies_cover_the_whole_ct_the_labelled_slab_the_liver_or_a_given_scann
         simulate_case(abdomen, 1, field="abdomen")
 
 
-def test_liver_beyond_a_cut_label_stack_is_marked_unknown_not_background(tmp_path):
-    """As the real CT's labels: a stack cut through the liver. Every liver voxel the cut took away
-    must be UNKNOWN (not background, which would teach the network that liver is background); the
-    other side of the body and the slices far below stay known."""
+CUT = 30  # slices 30.. of the synthetic abdomen keep their labels (z >= 90 mm); its liver goes down to z ~ 35 mm
+
+
+@pytest.fixture(scope="module")
+def cut_abdomen(tmp_path_factory):
+    """As the real CT's labels: a stack cut through the liver, written with the CT's own origin as
+    the real label file is (load_abdomen finds where it goes). Returns (loaded, uncut)."""
+    folder = tmp_path_factory.mktemp("cut")
     abdomen = synthetic_abdomen(2)
-    full = abdomen.labels.array
-    cut = 30  # slices 30.. keep their labels (z >= 90 mm); the liver goes down to about z = 35 mm
-    write_volume(abdomen.ct, tmp_path / "ct.nii.gz")
-    # with the CT's own origin, as the real label file: load_abdomen finds where the stack goes
-    write_volume(Volume(full[cut:], abdomen.ct.spacing, abdomen.ct.origin, abdomen.ct.direction), tmp_path / "labels.nii.gz")
-    loaded = load_abdomen(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz")
-    assert loaded.z_offset == cut
-    labels = loaded.labels.array
-    cut_liver = full[:cut] == LABELS["liver"]
-    assert cut_liver.any() and np.all(labels[:cut][cut_liver] == UNKNOWN)
-    depth = int(UNKNOWN_DEPTH_MM / abdomen.ct.spacing[2])
-    assert not (labels[: cut - depth] == UNKNOWN).any()
-    assert not (labels[:cut][full[:cut] == LABELS["spleen"]] == UNKNOWN).any()
-    np.testing.assert_array_equal(labels[cut:], full[cut:])
+    ct = abdomen.ct
+    write_volume(ct, folder / "ct.nii.gz")
+    write_volume(Volume(abdomen.labels.array[CUT:], ct.spacing, ct.origin, ct.direction), folder / "labels.nii.gz")
+    return load_abdomen(folder / "ct.nii.gz", folder / "labels.nii.gz"), abdomen
+
+
+def test_liver_beyond_a_cut_label_stack_is_marked_unknown_not_background(cut_abdomen):
+    """Every liver voxel the cut took away must be UNKNOWN (not background, which would teach the
+    network that liver is background); the other side of the body and the slices far below stay known."""
+    loaded, uncut = cut_abdomen
+    full, labels = uncut.labels.array, loaded.labels.array
+    assert loaded.z_offset == CUT
+    cut_liver = full[:CUT] == LABELS["liver"]
+    assert cut_liver.any() and np.all(labels[:CUT][cut_liver] == UNKNOWN)
+    depth = int(UNKNOWN_DEPTH_MM / uncut.ct.spacing[2])
+    assert not (labels[: CUT - depth] == UNKNOWN).any()
+    assert not (labels[:CUT][full[:CUT] == LABELS["spleen"]] == UNKNOWN).any()
+    np.testing.assert_array_equal(labels[CUT:], full[CUT:])
     # carried into a simulated study and its training label
     case = simulate_case(loaded, 3, spacing=(6, 6, 6), field="ct")
     assert case.unknown is not None and case.unknown.array.any()
     assert not (case.liver.array[case.unknown.array > 0]).any()
     assert np.all(case_label(case)[case.unknown.array > 0] == IGNORE)
+
+
+def test_unlabelled_liver_beyond_the_cut_is_enhanced_like_liver(cut_abdomen):
+    """Left plain, the cut-away liver would look like a large hypodense lesion in the venous phase.
+    Same seed on the uncut labels: the same anatomy and phase intensities up to noise and lesions."""
+    loaded, uncut = cut_abdomen
+    cut = simulate_case(loaded, 4, phases=("venous",), spacing=(3, 3, 3), field="ct", lesions=(1, 1))
+    whole = simulate_case(uncut, 4, phases=("venous",), spacing=(3, 3, 3), field="ct", lesions=(1, 1))
+    away = (cut.unknown.array > 0) & (whole.liver.array > 0) & (cut.lesions.array == 0) & (whole.lesions.array == 0)
+    assert away.sum() > 1000
+    labelled = (cut.liver.array > 0) & (cut.lesions.array == 0)
+    hu_away, hu_whole = cut.phases["venous"].array[away].mean(), whole.phases["venous"].array[away].mean()
+    assert abs(hu_away - hu_whole) < 10  # not the 55 HU of the venous enhancement
+    assert abs(hu_away - cut.phases["venous"].array[labelled].mean()) < 15
 
 
 def test_unknown_phase_is_refused():

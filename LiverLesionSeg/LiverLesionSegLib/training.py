@@ -169,7 +169,7 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     normalisation = init[1] if init is not None else Normalisation.fit(
-        {phase: [c.phases_hu[phase][c.label > 0] for c in train_cases if phase in c.phases_hu]
+        {phase: [c.phases_hu[phase][(c.label == 1) | (c.label == 2)] for c in train_cases if phase in c.phases_hu]
          for phase in {p for c in train_cases for p in c.phases_hu}})
     inputs = [(normalisation.apply(c.phases_hu), c.label) for c in train_cases]
     present = [[n for n, v in enumerate(x) if np.any(v)] for x, _ in inputs]
