@@ -3,9 +3,11 @@
 No public multi-phase CT with lesion labels is available offline, so cases are built from a real
 plain abdominal CT (`abdomen.py`) in four steps, all seeded:
 1. anatomy variation: the CT and its organ labels are scaled (0.9-1.1 per axis) and rotated (up to
-   5 degrees) about the liver and resampled (cubic / nearest) onto a grid around the liver;
+   5 degrees) about the liver and resampled (cubic / nearest) onto the study's grid (`FIELDS`);
 2. phases: each contrast phase adds its organ enhancement to the plain HU (aorta bright in the
-   arterial phase, portal vein and liver in the portal venous phase, ...) and its own CT noise;
+   arterial phase, portal vein and liver in the portal venous phase, ...) and its own CT noise.
+   Only labelled organs enhance: beyond the real CT's 30 labelled slices the vessels and kidneys
+   stay plain (the liver there is enhanced from its HU range, see `_unknown_liver_like`);
 3. lesions (1-4, 5-60 mm, irregular ellipsoids, textured) of four kinds that enhance differently:
    hypervascular (HCC-like: bright arterial, washout venous/delayed), cyst (water, no enhancement),
    haemangioma (peripheral nodular filling, centripetal over the phases), hypovascular metastasis
