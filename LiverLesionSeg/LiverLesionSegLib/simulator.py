@@ -172,7 +172,7 @@ def _unknown_liver_like(plain: np.ndarray, organs: np.ndarray, liver: np.ndarray
     liver's 5-95 percentile range: they get the liver's enhancement. Left plain, the liver beyond a
     cut label stack would look like a large hypodense lesion in every contrast phase, and since
     training ignores that region, the network learnt that darker liver may be lesion (lesion Dice
-    0.82 -> about 0.3 on the liver-region studies after training on full-length ones)."""
+    0.82 -> about 0.25 on the liver-region studies after training on full-length ones)."""
     unknown = organs == UNKNOWN
     if not unknown.any() or not liver.any():
         return unknown
