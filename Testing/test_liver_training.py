@@ -13,7 +13,7 @@ import torch
 from LiverLesionSegLib.abdomen import synthetic_abdomen
 from LiverLesionSegLib.dataset import IGNORE, TrainingCase, case_label
 from LiverLesionSegLib.simulator import simulate_case
-from LiverLesionSegLib.training import TrainConfig, _lesion_voxels, _patch, make_loss, train
+from LiverLesionSegLib.training import MaskedDiceFocalLoss, TrainConfig, _lesion_voxels, _patch, train
 from monai.losses import DiceFocalLoss
 
 from deepnav.progress import Cancelled, CancelToken
@@ -21,7 +21,7 @@ from deepnav.progress import Cancelled, CancelToken
 
 def test_loss_is_the_methods_focal_plus_dice_and_ignores_unknown_voxels():
     config = TrainConfig()
-    loss = make_loss(config)
+    loss = MaskedDiceFocalLoss(config)
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 12, 12, 12, generator=generator, requires_grad=True)
     target = torch.randint(0, 3, (2, 1, 12, 12, 12), generator=generator).float()

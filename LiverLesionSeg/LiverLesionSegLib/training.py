@@ -86,10 +86,6 @@ class MaskedDiceFocalLoss(torch.nn.Module):
         return self.dice_weight * dice + self.focal_weight * focal
 
 
-def make_loss(config: TrainConfig) -> MaskedDiceFocalLoss:
-    return MaskedDiceFocalLoss(config)
-
-
 def augmentation(seed: int) -> mt.Compose:
     """The method's list: scaling, Gaussian noise, Gaussian blur, brightness, contrast,
     low-resolution simulation, gamma, mirroring (MONAI's implementations). Mirroring is along the
@@ -181,7 +177,7 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
         model.load_state_dict(init[0])
     model = model.to(device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loss_fn = make_loss(config)
+    loss_fn = MaskedDiceFocalLoss(config)
     history: list[dict] = []
     best = {"val_loss": math.inf, "epoch": -1}
     epoch0 = 0
