@@ -10,7 +10,7 @@ from deepnav.errors import InputError
 from deepnav.progress import Cancelled, CancelToken, silent
 from MRUSFusionLib import losses
 from MRUSFusionLib.preprocess import prepare_pair
-from MRUSFusionLib.training import Sample, TrainConfig, checkpoint_config, rigid_step, train
+from MRUSFusionLib.training import Sample, TrainConfig, checkpoint_config, make_batch, rigid_step, train
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_rigid_stage_reduces_the_vessel_label_loss(samples, tmp_path):
     config = _tiny(rigid_epochs=1, bspline_epochs=0, steps_per_epoch=12, lr_rigid=1e-3)
     from MRUSFusionLib.networks import Cascade
 
-    batch = samples[1].tensors("cpu")
+    batch = make_batch(samples[1], config, "cpu")
     with torch.no_grad():
         before = float(rigid_step(Cascade(), batch, config))
     model, _ = train(samples[1:], samples[1:], tmp_path, config, progress=silent)

@@ -29,6 +29,12 @@ def configure_threads() -> int:
     return n
 
 
+def adam(params, lr: float, **kwargs) -> torch.optim.Adam:
+    """Adam with the fused kernel: torch's default (foreach) implementation takes ~200 ms a step
+    for the MRUSFusion rigid network's 0.7 M parameters on two CPU cores, the fused one ~1 ms."""
+    return torch.optim.Adam(params, lr=lr, fused=True, **kwargs)
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     """Seed python, numpy and torch; return a numpy Generator for explicit use."""
     random.seed(seed)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from deepnav.progress import CancelToken, ProgressCallback, print_progress
-from deepnav.torch_runtime import seed_everything
+from deepnav.torch_runtime import adam, seed_everything
 from FetalBiometryLib import crops, segment
 from FetalBiometryLib.deidentify import deidentify
 from FetalBiometryLib.evaluation import evaluate
@@ -127,7 +127,7 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = seed_everything(config.seed)
     model = HeadNet(config.width).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimiser = adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
     steps = max(1, len(train_cases) // config.batch)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / (config.epochs * steps), 1.0))))

@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from deepnav.model_files import save_atomic
 from deepnav.progress import CancelToken, ProgressCallback, print_progress
-from deepnav.torch_runtime import seed_everything
+from deepnav.torch_runtime import adam, seed_everything
 from LiverLesionSegLib.dataset import IGNORE, TrainingCase
 from LiverLesionSegLib.evaluation import dice
 from LiverLesionSegLib.inference import predict_logits
@@ -176,7 +176,7 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
     if init is not None:
         model.load_state_dict(init[0])
     model = model.to(device, memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = adam(model.parameters(), config.lr)
     loss_fn = MaskedDiceFocalLoss(config)
     history: list[dict] = []
     best = {"val_loss": math.inf, "epoch": -1}

@@ -58,11 +58,6 @@ def affine_lps_to_ijk(transform: sitk.Transform, grid: Volume) -> np.ndarray:
     return np.column_stack([(mapped[1:] - b).T, b])
 
 
-def compose_ijk(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
-    """(3, 4) matrices: x -> outer(inner(x))."""
-    return np.column_stack([outer[:, :3] @ inner[:, :3], outer[:, :3] @ inner[:, 3] + outer[:, 3]])
-
-
 def displacement_to_lps_image(disp_ijk: np.ndarray, grid: Volume) -> sitk.Image:
     """(3, D, H, W) voxel displacements (di, dj, dk) -> ITK vector image of LPS mm on `grid`."""
     u_lps = np.einsum("ab,bkji->kjia", _ds(grid), disp_ijk.astype(np.float64))

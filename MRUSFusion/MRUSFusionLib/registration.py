@@ -16,7 +16,7 @@ from deepnav.imaging import Volume, write_volume
 from MRUSFusionLib import fields, losses
 from MRUSFusionLib.model_io import LoadedModel
 from MRUSFusionLib.preprocess import FusionPair, prepare_pair
-from MRUSFusionLib.warp import compose_affine, jacobian_determinant
+from MRUSFusionLib.warp import compose_affine, compose_matrices, jacobian_determinant
 
 
 @dataclasses.dataclass
@@ -108,4 +108,5 @@ def fold_initial(result: Registration, initial: sitk.Transform) -> None:
     outer = fields.affine_lps_to_ijk(initial, result.grid)
     outer_t = torch.from_numpy(outer).float()[None]
     result.disp_ijk = compose_affine(outer_t, torch.from_numpy(result.disp_ijk)[None])[0].numpy()
-    result.matrix_ijk = fields.compose_ijk(outer, result.matrix_ijk)
+    inner = torch.from_numpy(result.matrix_ijk).double()[None]
+    result.matrix_ijk = compose_matrices(torch.from_numpy(outer)[None], inner)[0].numpy()

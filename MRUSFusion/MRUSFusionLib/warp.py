@@ -68,6 +68,11 @@ def apply_affine_to_positions(matrix: torch.Tensor, pos_ijk: torch.Tensor) -> to
     return out.reshape(pos_ijk.shape)
 
 
+def compose_matrices(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 4) matrices: x -> outer(inner(x))."""
+    return torch.cat([outer[:, :, :3] @ inner[:, :, :3], outer[:, :, :3] @ inner[:, :, 3:] + outer[:, :, 3:]], dim=2)
+
+
 def compose_affine(matrix: torch.Tensor, disp_ijk: torch.Tensor) -> torch.Tensor:
     """The displacement of x -> A(x + u(x)) + b, i.e. A(x + u) + b - x, in voxels (i, j, k)."""
     pos = add_identity(disp_ijk)
