@@ -90,3 +90,25 @@ def test_training_from_volumes_in_the_background_saves_a_loadable_model(patient,
     assert loaded.metadata["training"]["kind"] == "slicer" and len(info["history"]) == 2
     with pytest.raises(InputError, match="need more than"):
         split_frames(samples[:1], 1)
+
+
+def test_losses_resample_the_us_once_through_augmentation_then_prediction(samples):
+    """The network sees the augmented US; the label term resamples the original US label
+    through augmentation o prediction. That must equal warping the augmented label by the
+    prediction (what the order of composition means), up to interpolation."""
+    from MRUSFusionLib.warp import affine_displacement, compose_matrices, rigid_matrix, warp
+
+    config = _tiny(augment_shift=3.0, augment_rotation_deg=4.0)
+    batch = make_batch(samples[0], config, "cpu", np.random.default_rng(5))
+    assert not torch.allclose(batch.augmentation[0, :, :3], torch.eye(3))
+    label = batch.us[:, 2:]
+    prediction = rigid_matrix(torch.tensor([[6.0, -4.0, 5.0, 0.2, -0.15, 0.25]]), torch.full((3,), 63.5))
+    once = warp(label, affine_displacement(compose_matrices(batch.augmentation, prediction), batch.size))
+    twice = warp(warp(label, affine_displacement(batch.augmentation, batch.size)),
+                 affine_displacement(prediction, batch.size))
+    inner = (slice(None), slice(None)) + (slice(16, -16),) * 3  # away from the zero-padded border
+    error = (once - twice)[inner].abs()
+    reverse = warp(label, affine_displacement(compose_matrices(prediction, batch.augmentation), batch.size))
+    assert float(error.max()) < 0.1 * float(label.max())  # measured 0.07: two interpolations vs one
+    # and the other order would be wrong by far more than the interpolation
+    assert float((reverse - twice)[inner].abs().mean()) > 5 * float(error.mean())  # measured 10x
