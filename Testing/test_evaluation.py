@@ -31,3 +31,30 @@ def test_evaluation_patients_never_overlap_training_patients():
     assert max(case_seeds(100, TRAINING_SEED_BASE // 100 - 1)) < TRAINING_SEED_BASE
     with pytest.raises(ValueError):
         case_seeds(5, TRAINING_SEED_BASE // 100)
+
+
+def test_training_validation_tre_equals_the_evaluation_tre(shipped_model):
+    """Validation during training scores landmarks on the 1 mm grid with the network's own field;
+    the evaluation maps them through the exported LPS transforms. Same model, same patient:
+    the same errors."""
+    from MRUSFusionLib.dataset import patient_samples
+    from MRUSFusionLib.evaluation import landmark_errors
+    from MRUSFusionLib.phantom import make_patient
+    from MRUSFusionLib.preprocess import prepare_pair
+    from MRUSFusionLib.registration import register_pair
+    from MRUSFusionLib.training import validate
+
+    seed = 5
+    samples = patient_samples(seed, frames=2)
+    scores = validate(shipped_model.eager(), samples, torch.device("cpu"))
+    patient = make_patient(seed, frames=2)
+    errors = {"rigid": [], "final": []}
+    for frame in patient.frames:
+        pair = prepare_pair(patient.mr, frame.image, liver=patient.liver)
+        err = landmark_errors(register_pair(shipped_model, pair), patient, frame)
+        for key in errors:
+            errors[key].extend(err[key])
+    assert sum(len(s.landmarks_ijk) for s in samples) == len(errors["final"]) >= 6
+    assert scores["tre_rigid_mm"] == pytest.approx(np.median(errors["rigid"]), abs=0.05)
+    assert scores["tre_mm"] == pytest.approx(np.median(errors["final"]), abs=0.05)
+    assert abs(scores["tre_mm"] - scores["tre_rigid_mm"]) > 0.05  # the two stages are told apart

@@ -6,9 +6,11 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from deepnav.errors import InputError
 from deepnav.imaging import Volume, read_volume
-from MRUSFusionLib.phantom import make_patient
+from MRUSFusionLib.phantom import landmarks_in_view, make_patient
 from MRUSFusionLib.preprocess import fusion_grid, prepare_pair
 from MRUSFusionLib.training import Sample
 
@@ -18,12 +20,19 @@ TRAINING_SEED_BASE = 10_000_000
 
 
 def patient_samples(seed: int, frames: int) -> list[Sample]:
+    """A synthetic patient's training pairs, with its landmarks (known truth) for validation."""
     patient = make_patient(seed, frames=frames)
-    return [
-        Sample.from_pair(prepare_pair(patient.mr, f.image, liver=patient.liver,
-                                      mr_vessels=patient.vessels, us_vessels=f.vessels))
-        for f in patient.frames
-    ]
+    samples = []
+    for frame in patient.frames:
+        pair = prepare_pair(patient.mr, frame.image, liver=patient.liver,
+                            mr_vessels=patient.vessels, us_vessels=frame.vessels)
+        use = landmarks_in_view(patient, frame, pair.grid)
+        # on the fusion grid (1 mm, its voxel indices): the US was resampled there by identity,
+        # so a US point's true position is its own index in the grid
+        landmarks = np.stack([pair.grid.lps_to_index(patient.landmarks_lps[use]),
+                              pair.grid.lps_to_index(frame.landmarks_lps[use])], axis=1)
+        samples.append(Sample.from_pair(pair, landmarks_ijk=landmarks))
+    return samples
 
 
 def synthetic_samples(seeds: list[int], frames: int, workers: int = 2) -> list[list[Sample]]:

@@ -22,7 +22,7 @@ from MRUSFusionLib.baseline import BaselineSettings, register_classical
 from MRUSFusionLib.dataset import TRAINING_SEED_BASE
 from MRUSFusionLib.fields import resample_with, transform_points
 from MRUSFusionLib.model_io import LoadedModel
-from MRUSFusionLib.phantom import make_patient
+from MRUSFusionLib.phantom import landmarks_in_view, make_patient
 from MRUSFusionLib.preprocess import prepare_pair
 from MRUSFusionLib.registration import register_pair, run_network
 from MRUSFusionLib.training import vessel_dice
@@ -39,21 +39,11 @@ def case_seeds(cases: int, seed: int) -> list[int]:
     return seeds
 
 
-def _inside(points_lps: np.ndarray, volume_geometry, mask: np.ndarray) -> np.ndarray:
-    idx = np.round(volume_geometry.lps_to_index(points_lps)).astype(int)
-    shape = np.array(mask.shape[::-1])
-    ok = np.all((idx >= 0) & (idx < shape), axis=1)
-    out = np.zeros(len(points_lps), bool)
-    out[ok] = mask[idx[ok, 2], idx[ok, 1], idx[ok, 0]] > 0
-    return out
-
-
 def landmark_errors(result, patient, frame) -> dict[str, np.ndarray]:
     """Errors (mm) of the landmarks inside the fusion grid and the US field of view: initial
     (identity), after the rigid stage, after the cascade; through the exported LPS transforms."""
     truth = frame.landmarks_lps
-    use = _inside(patient.landmarks_lps, result.grid, np.ones_like(result.pair.fov)) & \
-        _inside(truth, frame.fov, frame.fov.array)
+    use = landmarks_in_view(patient, frame, result.grid)
     x = patient.landmarks_lps[use]
     return {"initial": np.linalg.norm(x - truth[use], axis=1),
             "rigid": np.linalg.norm(result.map_points_lps(x, rigid_only=True) - truth[use], axis=1),

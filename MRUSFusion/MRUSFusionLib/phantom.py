@@ -448,6 +448,22 @@ class Patient:
     frames: list[USFrame]
 
 
+def _inside(points_lps: np.ndarray, volume: Volume, mask: np.ndarray) -> np.ndarray:
+    idx = np.round(volume.lps_to_index(points_lps)).astype(int)
+    shape = np.array(mask.shape[::-1])
+    ok = np.all((idx >= 0) & (idx < shape), axis=1)
+    out = np.zeros(len(points_lps), bool)
+    out[ok] = mask[idx[ok, 2], idx[ok, 1], idx[ok, 0]] > 0
+    return out
+
+
+def landmarks_in_view(patient: Patient, frame: USFrame, grid: Volume) -> np.ndarray:
+    """Mask of the landmarks a registration on `grid` can be scored on: the MR landmark inside
+    the grid and its true US position inside the frame's field of view."""
+    return _inside(patient.landmarks_lps, grid, np.ones(grid.array.shape, np.uint8)) & \
+        _inside(frame.landmarks_lps, frame.fov, frame.fov.array)
+
+
 def _grid_points(grid: Volume) -> np.ndarray:
     k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in grid.array.shape), indexing="ij")
     return grid.index_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)).astype(np.float32)

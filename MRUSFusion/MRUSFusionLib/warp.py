@@ -41,6 +41,16 @@ def warp(image: torch.Tensor, disp_ijk: torch.Tensor, mode: str = "bilinear") ->
     return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=True)
 
 
+def map_points(disp_ijk: torch.Tensor, points_ijk: torch.Tensor) -> torch.Tensor:
+    """Where points (P, 3) of voxel positions (i, j, k) go under x -> x + u(x), the field of the
+    first batch item interpolated trilinearly: (P, 3)."""
+    d, h, w = disp_ijk.shape[2:]
+    scale = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1), 2.0 / (d - 1)], device=disp_ijk.device)
+    grid = (points_ijk.to(disp_ijk) * scale - 1.0).view(1, 1, 1, -1, 3)
+    u = F.grid_sample(disp_ijk[:1], grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return points_ijk.to(disp_ijk) + u.view(3, -1).T
+
+
 def euler_matrix(angles: torch.Tensor) -> torch.Tensor:
     """(N, 3) rotations about i, j, k (radians) -> (N, 3, 3) R = Rk @ Rj @ Ri."""
     cx, cy, cz = torch.cos(angles).unbind(1)
