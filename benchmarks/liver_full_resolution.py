@@ -33,6 +33,7 @@ from LiverLesionSegLib.evaluation import score_case  # noqa: E402
 from LiverLesionSegLib.simulator import simulate_case  # noqa: E402
 
 from deepnav.imaging import grid_like, read_volume, write_volume  # noqa: E402
+from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import machine_description  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "abdomen"
@@ -61,11 +62,6 @@ def run_segment(phases: dict[str, Path], registration: str, model: Path | None, 
         raise RuntimeError(f"deepnav liver segment failed:\n{(out / 'log.txt').read_text()}")
     statistics = json.loads((out / "lesions.json").read_text())
     return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024.0, "stages_s": statistics["timings_s"]}
-
-
-def stats(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
 
 
 def main() -> int:
@@ -98,11 +94,11 @@ def main() -> int:
                       f"lesion Dice {run['lesion_dice']:.3f}, liver Dice {run['liver_dice']:.3f}, "
                       f"{run['lesions_found']}/{run['lesions_true']} lesions found, "
                       f"{run['lesions_correct']}/{run['lesions_predicted']} predicted correct (stages, s: {stages})")
-            results[registration] = {"runs": runs, "seconds": stats([r["seconds"] for r in runs]),
-                                     "peak_rss_mib": stats([r["peak_rss_mib"] for r in runs]),
+            results[registration] = {"runs": runs, "seconds": spread([r["seconds"] for r in runs]),
+                                     "peak_rss_mib": spread([r["peak_rss_mib"] for r in runs]),
                                      # every run's scores: ITK's random sampling makes `sitk` runs differ
-                                     "lesion_dice": stats([r["lesion_dice"] for r in runs]),
-                                     "liver_dice": stats([r["liver_dice"] for r in runs])}
+                                     "lesion_dice": spread([r["lesion_dice"] for r in runs]),
+                                     "liver_dice": spread([r["liver_dice"] for r in runs])}
     print(f"\n{'registration':14s}{'median s':>10s}{'min-max s':>14s}{'peak MiB':>10s}"
           f"{'lesion Dice min-max':>22s}{'liver Dice min-max':>21s}")
     for name, r in results.items():

@@ -22,15 +22,11 @@ from LiverLesionSegLib.abdomen import load_abdomen  # noqa: E402
 from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk, transform_error_mm  # noqa: E402
 from LiverLesionSegLib.simulator import simulate_case  # noqa: E402
 
+from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import machine_description  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "abdomen"
 MOTIONS = {"typical (3 deg, 6 mm)": (3.0, 6.0), "large (8 deg, 20 mm)": (8.0, 20.0)}
-
-
-def stats(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "max": float(v.max())}
 
 
 def main() -> int:
@@ -62,8 +58,8 @@ def main() -> int:
             print(f"{label:22s} case {n}: initial {row['initial_mm']:5.2f} mm | "
                   f"PSO+Powell {ours['error_mm']:5.2f} mm {ours['seconds']:5.1f} s | "
                   f"SimpleITK {theirs['error_mm']:5.2f} mm {theirs['seconds']:5.1f} s", flush=True)
-        summary[label] = {"initial_mm": stats([r["initial_mm"] for r in rows if r["motion"] == label]),
-                          **{name: {k: stats(v) for k, v in entry.items()} for name, entry in per_method.items()}}
+        summary[label] = {"initial_mm": spread([r["initial_mm"] for r in rows if r["motion"] == label]),
+                          **{name: {k: spread(v) for k, v in entry.items()} for name, entry in per_method.items()}}
     print(f"\n{'misalignment':22s}{'method':12s}{'error median':>14s}{'p90':>8s}{'max':>8s}{'time median':>13s}")
     for label, s in summary.items():
         for name in ("pso+powell", "sitk"):

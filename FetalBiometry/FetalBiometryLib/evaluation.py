@@ -16,6 +16,7 @@ import torch
 from scipy.spatial import cKDTree
 from skimage.measure import find_contours
 
+from deepnav.statistics import spread
 from FetalBiometryLib.hc18 import Case, reference_ellipse
 from FetalBiometryLib.image_io import read_image_2d
 from FetalBiometryLib.pipeline import measure_image
@@ -57,27 +58,20 @@ def score_case(segmenter: HeadSegmenter, case: Case) -> dict:
     return row
 
 
-def _stats(values: list[float]) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return {"mean": None, "median": None, "p90": None}
-    return {"mean": float(v.mean()), "median": float(np.median(v)), "p90": float(np.percentile(v, 90))}
-
-
 def summarise(rows: list[dict]) -> dict:
     done = [r for r in rows if r.get("hc_mm") is not None]
     out = {"images": len(rows), "measured": len(done), "not_measurable": len(rows) - len(done)}
     if not done:
         return out
     diff = [r["hc_diff_mm"] for r in done]
-    out["ellipse"] = {"hc_abs_diff_mm": _stats(np.abs(diff)), "hc_signed_mean_mm": float(np.mean(diff)),
-                      "hc_diff_sd_mm": float(np.std(diff)), "dice": _stats([r["dice"] for r in done]),
-                      "hausdorff_mm": _stats([r["hausdorff_mm"] for r in done])}
+    out["ellipse"] = {"hc_abs_diff_mm": spread(np.abs(diff)), "hc_signed_mean_mm": float(np.mean(diff)),
+                      "hc_diff_sd_mm": float(np.std(diff)), "dice": spread([r["dice"] for r in done]),
+                      "hausdorff_mm": spread([r["hausdorff_mm"] for r in done])}
     pc = [r["pixel_count_hc_diff_mm"] for r in done]
-    out["pixel_count"] = {"hc_abs_diff_mm": _stats(np.abs(pc)), "hc_signed_mean_mm": float(np.mean(pc)),
-                          "hc_diff_sd_mm": float(np.std(pc)), "dice": _stats([r["pixel_count_dice"] for r in done]),
-                          "hausdorff_mm": _stats([r["pixel_count_hausdorff_mm"] for r in done])}
-    out["runtime_s"] = _stats([r["runtime_s"] for r in done])
+    out["pixel_count"] = {"hc_abs_diff_mm": spread(np.abs(pc)), "hc_signed_mean_mm": float(np.mean(pc)),
+                          "hc_diff_sd_mm": float(np.std(pc)), "dice": spread([r["pixel_count_dice"] for r in done]),
+                          "hausdorff_mm": spread([r["pixel_count_hausdorff_mm"] for r in done])}
+    out["runtime_s"] = spread([r["runtime_s"] for r in done])
     out["flagged"] = sum(1 for r in done if r["flags"])
     return out
 

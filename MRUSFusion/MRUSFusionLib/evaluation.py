@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from deepnav.progress import ProgressCallback, print_progress
+from deepnav.statistics import spread
 from deepnav.torch_runtime import machine_description
 from MRUSFusionLib.baseline import BaselineSettings, register_classical
 from MRUSFusionLib.dataset import TRAINING_SEED_BASE
@@ -56,11 +57,6 @@ def _dice_through(transform: sitk.Transform, frame, pair) -> float:
     warped = resample_with(transform, frame.vessels.with_array(frame.vessels.array.astype(np.float32)), pair.grid)
     fov = resample_with(transform, frame.fov.with_array(frame.fov.array.astype(np.float32)), pair.grid)
     return vessel_dice(torch.from_numpy(pair.fixed_label), torch.from_numpy(warped), torch.from_numpy(fov))
-
-
-def _stats(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "mean": float(v.mean()), "n": int(v.size)}
 
 
 def evaluate(model: LoadedModel, cases: int, seed: int, *, frames: int = 2, baseline: bool = True,
@@ -104,20 +100,20 @@ def evaluate(model: LoadedModel, cases: int, seed: int, *, frames: int = 2, base
             progress((n + (f_idx + 1) / frames) / cases,
                      f"case {n + 1}/{cases} frame {f_idx + 1}: TRE {row['tre_initial_mm']} -> {row['tre_final_mm']} mm")
     summary = {
-        "tre_initial_mm": _stats(errors["initial"]),
-        "tre_rigid_mm": _stats(errors["rigid"]),
-        "tre_final_mm": _stats(errors["final"]),
+        "tre_initial_mm": spread(errors["initial"]),
+        "tre_rigid_mm": spread(errors["rigid"]),
+        "tre_final_mm": spread(errors["final"]),
         "dice_vessels_initial": float(np.median([r["dice_vessels_initial"] for r in rows])),
         "dice_vessels_final": float(np.median([r["dice_vessels_final"] for r in rows])),
         "folding_percent": float(max(r["folding_percent"] for r in rows)),
-        "latency_s": {**_stats(latencies), "what": "preprocessed 128^3 pair to dense field, warm", "device": str(model.device)},
+        "latency_s": {**spread(latencies), "what": "preprocessed 128^3 pair to dense field, warm", "device": str(model.device)},
     }
     if baseline:
         summary["baseline"] = {
             "method": settings.describe(),
-            "tre_final_mm": _stats(errors["baseline"]),
+            "tre_final_mm": spread(errors["baseline"]),
             "dice_vessels_final": float(np.median([r["dice_vessels_baseline"] for r in rows])),
-            "runtime_s": _stats([r["baseline_runtime_s"] for r in rows]),
+            "runtime_s": spread([r["baseline_runtime_s"] for r in rows]),
         }
         summary["speedup_vs_baseline"] = summary["baseline"]["runtime_s"]["median"] / summary["latency_s"]["median"]
     summary["tre_final_over_initial"] = summary["tre_final_mm"]["median"] / summary["tre_initial_mm"]["median"]

@@ -15,9 +15,8 @@ import queue
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from deepnav.imaging import Volume
+from deepnav.statistics import spread
 from MRUSFusionLib import igtl_messages as msgs
 from MRUSFusionLib.igtl_messages import DEVICE_REPORT
 from MRUSFusionLib.igtl_transport import Connection, MessageReader, ProtocolError, match_timestamp, wire_timestamp
@@ -124,10 +123,8 @@ def stream(host: str, port: int, volumes: Sequence[Volume], *, count: int, rate_
 
 
 def percentiles(values: Sequence[float]) -> dict:
-    if not values:
-        return {"p50": None, "p95": None, "n": 0}
-    v = np.asarray(values, dtype=np.float64)
-    return {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)), "n": int(v.size)}
+    s = spread(values)
+    return {"p50": s["median"], "p95": s["p95"], "n": s["n"]}
 
 
 def latency_summary(run: StreamRun) -> dict:
