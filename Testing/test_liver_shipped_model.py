@@ -10,7 +10,7 @@ import json
 import torch
 from LiverLesionSegLib.abdomen import synthetic_abdomen
 from LiverLesionSegLib.evaluation import evaluate, write_report
-from LiverLesionSegLib.model_io import SHIPPED_MODEL, load_model, save_model
+from LiverLesionSegLib.model_io import SHIPPED_LOCALISER, SHIPPED_MODEL, load_model, save_model
 from LiverLesionSegLib.network import LesionUNet
 from LiverLesionSegLib.preprocess import Normalisation
 
@@ -50,3 +50,26 @@ def test_shipped_model_finds_and_delineates_the_lesions():
     assert case["lesions_found"] == case["lesions_true"] > 0
     assert case["lesion_dice"] > 0.8  # the issue's target
     assert case["liver_dice"] > 0.9  # the whole field of view: no liver called elsewhere in the body
+
+
+def test_shipped_model_on_a_whole_abdomen_works_within_the_livers_slab():
+    """A series taller than the lesion network's 90 mm training slabs: the shipped localiser
+    finds the liver's slab first, so nothing below the liver is called liver, and the lesions
+    are found as on a short series."""
+    from LiverLesionSegLib.evaluation import score_case
+    from LiverLesionSegLib.pipeline import LOCALISE_ABOVE_MM, segment_study
+    from LiverLesionSegLib.simulator import simulate_case
+
+    seed = 998
+    case = simulate_case(synthetic_abdomen(seed, below_mm=120.0), seed, phases=("arterial", "venous"), field="ct")
+    reference = case.phases["arterial"]
+    assert reference.array.shape[0] * reference.spacing[2] > LOCALISE_ABOVE_MM + 70
+    model = load_model(None, "cpu")  # the shipped model comes with the shipped localiser
+    assert model.localiser is not None and model.localiser.path == SHIPPED_LOCALISER
+    result = segment_study(model, case.phases)
+    assert "localiser" in result.timings_s
+    scores = score_case(case, result.lesions.array, result.liver.array)
+    first, stop, of = result.slab
+    assert stop - first < 0.75 * of  # the abdomen below the liver was cut away...
+    assert scores["liver_dice"] > 0.9  # ...but not the liver
+    assert scores["lesion_dice"] > 0.8 and scores["lesions_correct"] == scores["lesions_predicted"] > 0

@@ -79,12 +79,14 @@ def _mark_unknown_liver(labels: np.ndarray, start: int, stop: int, spacing: np.n
         labels[beyond.start:beyond.stop][:, near] = UNKNOWN
 
 
-def synthetic_abdomen(seed: int = 0, spacing_mm: float = 3.0) -> Abdomen:
+def synthetic_abdomen(seed: int = 0, spacing_mm: float = 3.0, below_mm: float = 0.0) -> Abdomen:
     """A plain-CT-like abdomen from simple shapes (body, liver, spleen, kidneys, aorta, IVC, portal
-    vein, spine) with the same organ classes: for tests, and where no real CT is at hand."""
+    vein, spine) with the same organ classes: for tests, and where no real CT is at hand.
+    `below_mm` extends it inferiorly (body, aorta, IVC and spine go on; a whole-abdomen series)."""
     rng = np.random.default_rng(seed)
-    size = (110, 90, 60)  # i (R-L), j (A-P), k (I-S) voxels
-    origin = np.array([-size[0] / 2, -size[1] / 2, 0.0]) * spacing_mm
+    below = int(round(below_mm / spacing_mm))
+    size = (110, 90, 60 + below)  # i (R-L), j (A-P), k (I-S) voxels
+    origin = np.array([-size[0] / 2, -size[1] / 2, -below]) * spacing_mm
     grid = grid_like(size, np.full(3, spacing_mm), origin, np.eye(3))
     k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
     p = np.stack([i, j, k], axis=-1) * spacing_mm + origin  # LPS mm: x to the left, y to the back, z up

@@ -15,14 +15,17 @@ from LiverLesionSegLib.preprocess import WORK_SPACING_MM, Normalisation
 MODEL_FORMAT = "deepnav.liverlesionseg.unet"
 MODEL_VERSION = 1
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "liverlesionseg_default.pt"
+# finds the liver on a series taller than the lesion network's training slabs (pipeline.liver_slab)
+SHIPPED_LOCALISER = SHIPPED_MODEL.with_name("liverlesionseg_localiser.pt")
 
 
 class LoadedModel:
-    def __init__(self, module, record: dict, device: torch.device, path: Path):
+    def __init__(self, module, record: dict, device: torch.device, path: Path, localiser: LoadedModel | None = None):
         # channels-last 3D weights: oneDNN's convolutions run about 25% faster on the CPU (measured)
         self.module = module.to(memory_format=torch.channels_last_3d)
         self.record, self.device, self.path = record, device, path
         self.normalisation = Normalisation.from_json(record["normalisation"])
+        self.localiser = localiser
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -35,8 +38,11 @@ def save_model(model: LesionUNet, normalisation: Normalisation, path: Path, meta
     return model_files.save_torchscript(model, path, record)
 
 
-def load_model(path: str | Path | None = None, device: str = "auto") -> LoadedModel:
-    path = Path(path) if path is not None else SHIPPED_MODEL
+def load_model(path: str | Path | None = None, device: str = "auto", localiser: str | Path | None = None) -> LoadedModel:
+    """A model file; without `path`, the shipped model with the shipped localiser. `localiser`:
+    a model that finds the liver on tall series first (see `pipeline.liver_slab`)."""
+    if path is None:
+        path, localiser = SHIPPED_MODEL, localiser or SHIPPED_LOCALISER
     dev = pick_device(device)
-    module, record = model_files.load_archive(path, dev, MODEL_FORMAT, MODEL_VERSION, "liver lesion segmentation")
-    return LoadedModel(module, record, dev, path)
+    module, record = model_files.load_archive(Path(path), dev, MODEL_FORMAT, MODEL_VERSION, "liver lesion segmentation")
+    return LoadedModel(module, record, dev, Path(path), load_model(localiser, device) if localiser else None)

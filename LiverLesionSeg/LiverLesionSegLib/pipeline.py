@@ -24,6 +24,11 @@ from LiverLesionSegLib.simulator import PHASES
 from LiverLesionSegLib.statistics import label_lesions, largest_component, lesion_statistics, write_statistics
 
 REGISTRATION = {"pso-powell": register_phase, "sitk": register_phase_sitk}
+# A series taller than this along the superior-inferior axis is first cut to the liver's slab: the
+# lesion network learnt on 90 mm slabs and, on a whole abdomen, calls bowel or bladder liver
+# (MODEL_CARD.md); a liver is rarely over 20 cm tall.
+LOCALISE_ABOVE_MM = 220.0
+SLAB_MARGIN_MM = 20.0
 
 
 @dataclasses.dataclass
@@ -35,13 +40,17 @@ class StudyResult:
     registration: dict[str, dict]  # phase -> matrix, mutual information, seconds, method
     timings_s: dict[str, float]
     warnings: list[str]
+    # where the lesion network ran, on the working grid: (first, last + 1) slice index along its
+    # superior-inferior axis and the grid's slice count, or None for the whole grid
+    slab: tuple[int, int, int] | None = None
 
     def write(self, out_dir: Path) -> dict[str, Path]:
         paths = {"lesions": write_volume(self.lesions, out_dir / "lesions.nii.gz"),
                  "liver": write_volume(self.liver, out_dir / "liver.nii.gz")}
         files = write_statistics(self.statistics, out_dir, {
             "reference_phase": self.reference, "registration": self.registration, "timings_s": self.timings_s,
-            "warnings": self.warnings, "message": self.message()})
+            "warnings": self.warnings, "message": self.message(),
+            "liver_slab": None if self.slab is None else dict(zip(("first", "stop", "of"), self.slab, strict=True))})
         return {**paths, "statistics": files["json"], "table": files["csv"]}
 
     def message(self) -> str:
@@ -116,10 +125,17 @@ def segment_study(model: LoadedModel, phases: dict[str, Volume], *, reference: s
     x = model.normalisation.apply(hu)
     timings["preprocess"] = time.perf_counter() - t0
 
+    slab = (slice(None),) * 3
+    if model.localiser is not None:
+        t0 = time.perf_counter()
+        slab = liver_slab(model.localiser, hu, grid, cancel=cancel, progress=lambda f, m: progress(0.3 + 0.2 * f, m))
+        timings["localiser"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    logits = predict_logits(model, x, model.device, cancel=cancel,
-                            progress=lambda f, m: progress(0.3 + 0.6 * f, m))
-    probabilities = torch.softmax(logits, dim=0).numpy()
+    logits = predict_logits(model, x[(slice(None),) + slab], model.device, cancel=cancel,
+                            progress=lambda f, m: progress(0.5 + 0.4 * f, m))
+    probabilities = np.zeros((logits.shape[0],) + x.shape[1:], np.float32)
+    probabilities[0] = 1.0  # outside the liver's slab: background
+    probabilities[(slice(None),) + slab] = torch.softmax(logits, dim=0).numpy()
     timings["network"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -137,8 +153,36 @@ def segment_study(model: LoadedModel, phases: dict[str, Volume], *, reference: s
     rows = lesion_statistics(ids, ref, registered)
     timings["lesions"] = time.perf_counter() - t0
     progress(1.0, f"{len(rows)} lesion(s)")
+    axis = next((a for a, cut in enumerate(slab) if cut != slice(None)), None)
+    slab_slices = None if axis is None else (slab[axis].start, slab[axis].stop, x.shape[1 + axis])
     return StudyResult(reference, ref.with_array(ids), ref.with_array((liver_mask | (ids > 0)).astype(np.uint8)),
-                       rows, report, {k: round(v, 3) for k, v in timings.items()}, warnings)
+                       rows, report, {k: round(v, 3) for k, v in timings.items()}, warnings, slab_slices)
+
+
+def liver_slab(localiser: LoadedModel, hu: dict[str, np.ndarray], grid: Volume, *, cancel: CancelToken | None = None,
+               progress: ProgressCallback = silent) -> tuple[slice, slice, slice]:
+    """The working grid's (k, j, i) index box to segment: along the grid axis nearest to
+    superior-inferior, the slices of the liver the `localiser` finds (its largest component) plus
+    SLAB_MARGIN_MM; the whole grid for a series no taller than LOCALISE_ABOVE_MM, or where no
+    liver is found. `hu`: the phases on `grid` (HU)."""
+    whole = (slice(None),) * 3
+    ijk_axis = int(np.argmax(np.abs(grid.direction[2])))  # grid axis (i, j, k) closest to LPS z
+    axis = 2 - ijk_axis  # the same axis in array order (k, j, i)
+    length = grid.array.shape[axis]
+    if length * grid.spacing[ijk_axis] <= LOCALISE_ABOVE_MM:
+        return whole
+    progress(0.0, "finding the liver's slab")
+    logits = predict_logits(localiser, localiser.normalisation.apply(hu), localiser.device, cancel=cancel,
+                            progress=progress)
+    probabilities = torch.softmax(logits, dim=0).numpy()
+    liver = largest_component(probabilities[1] + probabilities[2] > 0.5)
+    slices = np.nonzero(liver.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+    if len(slices) == 0:
+        return whole
+    margin = int(np.ceil(SLAB_MARGIN_MM / grid.spacing[ijk_axis]))
+    box = list(whole)
+    box[axis] = slice(max(int(slices[0]) - margin, 0), min(int(slices[-1]) + margin + 1, length))
+    return tuple(box)
 
 
 def _to_reference(values: np.ndarray, grid: Volume, reference: Volume) -> np.ndarray:
