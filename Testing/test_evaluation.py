@@ -48,13 +48,14 @@ def test_training_validation_tre_equals_the_evaluation_tre(shipped_model):
     samples = patient_samples(seed, frames=2)
     scores = validate(shipped_model.eager(), samples, torch.device("cpu"))
     patient = make_patient(seed, frames=2)
-    errors = {"rigid": [], "final": []}
+    errors = {"initial": [], "rigid": [], "final": []}
     for frame in patient.frames:
         pair = prepare_pair(patient.mr, frame.image, liver=patient.liver)
         err = landmark_errors(register_pair(shipped_model, pair), patient, frame)
         for key in errors:
             errors[key].extend(err[key])
     assert sum(len(s.landmarks_ijk) for s in samples) == len(errors["final"]) >= 6
+    assert scores["tre_initial_mm"] == pytest.approx(np.median(errors["initial"]), abs=0.05)
     assert scores["tre_rigid_mm"] == pytest.approx(np.median(errors["rigid"]), abs=0.05)
     assert scores["tre_mm"] == pytest.approx(np.median(errors["final"]), abs=0.05)
     assert abs(scores["tre_mm"] - scores["tre_rigid_mm"]) > 0.05  # the two stages are told apart
