@@ -112,3 +112,17 @@ def test_losses_resample_the_us_once_through_augmentation_then_prediction(sample
     assert float(error.max()) < 0.1 * float(label.max())  # measured 0.07: two interpolations vs one
     # and the other order would be wrong by far more than the interpolation
     assert float((reverse - twice)[inner].abs().mean()) > 5 * float(error.mean())  # measured 10x
+
+
+def test_learning_rate_decays_over_each_stage_from_its_own_rate():
+    from MRUSFusionLib.training import stage_lr
+
+    config = _tiny(rigid_epochs=2, bspline_epochs=3, steps_per_epoch=4, lr_rigid=2e-4, lr_bspline=1e-3)
+    rigid = [stage_lr(config, "rigid", e, s) for e in range(2) for s in range(4)]
+    bspline = [stage_lr(config, "bspline", e, s) for e in range(2, 5) for s in range(4)]
+    for rates, base in ((rigid, 2e-4), (bspline, 1e-3)):
+        assert rates[0] == pytest.approx(base)
+        assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+        assert 0.05 * base < rates[-1] < 0.1 * base
+    config.lr_decay = False
+    assert stage_lr(config, "bspline", 4, 3) == 1e-3

@@ -41,6 +41,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
                    help="loss weights (default 100 0.01 1: labels main; the spec's other reading is 0.01 100 1)")
     p.add_argument("--lr-rigid", type=float)
     p.add_argument("--lr-bspline", type=float)
+    p.add_argument("--constant-lr", action="store_true", help="no cosine decay of the learning rate within each stage")
     p.add_argument("--augment-shift", type=float, help="random extra US shift, voxels (0: none)")
     p.add_argument("--augment-rotation", type=float, help="random extra US rotation, degrees (0: none)")
     p.add_argument("--init", type=Path, help="start from this model (.pt), e.g. the shipped one, to fine-tune")
@@ -137,6 +138,8 @@ def _train(args) -> int:
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
+    if args.constant_lr:
+        config.lr_decay = False
     if args.weights:
         config.weights = losses.LossWeights(*args.weights)
     if args.synthetic:

@@ -36,6 +36,7 @@ class TrainConfig:
     steps_per_epoch: int = 50
     lr_rigid: float = 2e-4
     lr_bspline: float = 3e-4
+    lr_decay: bool = True  # cosine over each stage, to 5% of its rate (stage_lr)
     weights: losses.LossWeights = dataclasses.field(default_factory=losses.LossWeights)
     label_sigma: float = 2.0  # voxels, blur of the vessel labels for the label term
     loss_block: int = 80  # MIND is evaluated on a random block of this size inside the US
@@ -122,6 +123,21 @@ def make_batch(sample: Sample, config: TrainConfig, device, rng: np.random.Gener
     augmentation = rigid_matrix(params, centre)
     moving_in = warp(moving, affine_displacement(augmentation, list(fixed.shape[2:]))) if bool(params.any()) else moving
     return Batch(fixed, moving_in, augmentation, torch.cat([moving, fov, moving_label], 1), fixed_label)
+
+
+def stage_lr(config: TrainConfig, stage: str, epoch: int, step: int) -> float:
+    """The learning rate at (epoch, step): cosine decay over the stage from its rate to 5% of it.
+    With one pair per step, a constant rate kept the weights jumping: the rigid stage's validation
+    TRE swung between 4.6 and 8.3 mm over consecutive epochs. A function of the position alone,
+    so a resumed run follows the same schedule."""
+    if stage == "rigid":
+        base, first, epochs = config.lr_rigid, 0, config.rigid_epochs
+    else:
+        base, first, epochs = config.lr_bspline, config.rigid_epochs, config.bspline_epochs
+    if not config.lr_decay:
+        return base
+    t = ((epoch - first) * config.steps_per_epoch + step) / max(epochs * config.steps_per_epoch, 1)
+    return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def _block(shape: list[int], size: int, fov: torch.Tensor, rng: np.random.Generator) -> tuple[slice, ...]:
@@ -267,6 +283,8 @@ def train(
                 loss, terms = bspline_step(model, batch, config, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = stage_lr(config, stage, epoch, step)
             optimizer.step()
             for k, v in {"loss": float(loss.detach()), **terms}.items():
                 running.setdefault(k, []).append(v)
@@ -275,7 +293,7 @@ def train(
                 recent = np.mean(running["loss"][-10:])
                 progress(done, f"epoch {epoch + 1}/{total_epochs} ({stage}) step {step + 1}: loss {recent:.4f}")
         scores = validate(model, val_samples, device)
-        record = {"epoch": epoch, "stage": stage, "seconds": time.perf_counter() - t0,
+        record = {"epoch": epoch, "stage": stage, "seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": float(np.mean(v)) for k, v in running.items()},
                   **{f"val_{k}": v for k, v in scores.items()}}
         history.append(record)
