@@ -125,17 +125,20 @@ def segment_study(model: LoadedModel, phases: dict[str, Volume], *, reference: s
     x = model.normalisation.apply(hu)
     timings["preprocess"] = time.perf_counter() - t0
 
-    slab = (slice(None),) * 3
+    slab, box = None, (slice(None),) * 4  # box: the part of x (channels, k, j, i) the lesion network sees
     if model.localiser is not None:
         t0 = time.perf_counter()
         slab = liver_slab(model.localiser, hu, grid, cancel=cancel, progress=lambda f, m: progress(0.3 + 0.2 * f, m))
         timings["localiser"] = time.perf_counter() - t0
+        if slab is not None:
+            axis, first, stop = slab
+            box = (slice(None),) + tuple(slice(first, stop) if a == axis else slice(None) for a in range(3))
     t0 = time.perf_counter()
-    logits = predict_logits(model, x[(slice(None),) + slab], model.device, cancel=cancel,
+    logits = predict_logits(model, x[box], model.device, cancel=cancel,
                             progress=lambda f, m: progress(0.5 + 0.4 * f, m))
     probabilities = np.zeros((logits.shape[0],) + x.shape[1:], np.float32)
     probabilities[0] = 1.0  # outside the liver's slab: background
-    probabilities[(slice(None),) + slab] = torch.softmax(logits, dim=0).numpy()
+    probabilities[box] = torch.softmax(logits, dim=0).numpy()
     timings["network"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -153,24 +156,23 @@ def segment_study(model: LoadedModel, phases: dict[str, Volume], *, reference: s
     rows = lesion_statistics(ids, ref, registered)
     timings["lesions"] = time.perf_counter() - t0
     progress(1.0, f"{len(rows)} lesion(s)")
-    axis = next((a for a, cut in enumerate(slab) if cut != slice(None)), None)
-    slab_slices = None if axis is None else (slab[axis].start, slab[axis].stop, x.shape[1 + axis])
+    slab_slices = None if slab is None else (slab[1], slab[2], x.shape[1 + slab[0]])
     return StudyResult(reference, ref.with_array(ids), ref.with_array((liver_mask | (ids > 0)).astype(np.uint8)),
                        rows, report, {k: round(v, 3) for k, v in timings.items()}, warnings, slab_slices)
 
 
 def liver_slab(localiser: LoadedModel, hu: dict[str, np.ndarray], grid: Volume, *, cancel: CancelToken | None = None,
-               progress: ProgressCallback = silent) -> tuple[slice, slice, slice]:
-    """The working grid's (k, j, i) index box to segment: along the grid axis nearest to
-    superior-inferior, the slices of the liver the `localiser` finds (its largest component) plus
-    SLAB_MARGIN_MM; the whole grid for a series no taller than LOCALISE_ABOVE_MM, or where no
-    liver is found. `hu`: the phases on `grid` (HU)."""
-    whole = (slice(None),) * 3
+               progress: ProgressCallback = silent) -> tuple[int, int, int] | None:
+    """The slab of the working grid to segment, as (array axis in (k, j, i) order, first slice,
+    stop slice): along the grid axis nearest to superior-inferior, the slices of the liver the
+    `localiser` finds (its largest component) plus SLAB_MARGIN_MM. None (the whole grid) for a
+    series no taller than LOCALISE_ABOVE_MM, or where no liver is found. `hu`: the phases on
+    `grid` (HU)."""
     ijk_axis = int(np.argmax(np.abs(grid.direction[2])))  # grid axis (i, j, k) closest to LPS z
     axis = 2 - ijk_axis  # the same axis in array order (k, j, i)
     length = grid.array.shape[axis]
     if length * grid.spacing[ijk_axis] <= LOCALISE_ABOVE_MM:
-        return whole
+        return None
     progress(0.0, "finding the liver's slab")
     logits = predict_logits(localiser, localiser.normalisation.apply(hu), localiser.device, cancel=cancel,
                             progress=progress)
@@ -178,11 +180,9 @@ def liver_slab(localiser: LoadedModel, hu: dict[str, np.ndarray], grid: Volume, 
     liver = largest_component(probabilities[1] + probabilities[2] > 0.5)
     slices = np.nonzero(liver.any(axis=tuple(a for a in range(3) if a != axis)))[0]
     if len(slices) == 0:
-        return whole
+        return None
     margin = int(np.ceil(SLAB_MARGIN_MM / grid.spacing[ijk_axis]))
-    box = list(whole)
-    box[axis] = slice(max(int(slices[0]) - margin, 0), min(int(slices[-1]) + margin + 1, length))
-    return tuple(box)
+    return axis, max(int(slices[0]) - margin, 0), min(int(slices[-1]) + margin + 1, length)
 
 
 def _to_reference(values: np.ndarray, grid: Volume, reference: Volume) -> np.ndarray:

@@ -111,9 +111,9 @@ class Batch:
 def make_batch(sample: Sample, config: TrainConfig, device, rng: np.random.Generator | None = None) -> Batch:
     """The sample as a batch; with `rng`, its US moved by a random rigid augmentation (more
     misalignments to learn from), without, by none."""
-    fixed, moving, fov, _, _ = sample.tensors(device)
-    fixed_label, moving_label = (t.to(device=device, dtype=torch.float32)
-                                 for t in sample.blurred_labels(config.label_sigma))
+    fixed, moving, fov, fixed_label, moving_label = (
+        t.to(device=device, dtype=torch.float32)
+        for t in (sample.fixed, sample.moving, sample.fov, *sample.blurred_labels(config.label_sigma)))
     params = torch.zeros(1, 6, device=device)
     if rng is not None:
         shift = rng.uniform(-config.augment_shift, config.augment_shift, 3)
