@@ -26,6 +26,20 @@ def _tiny(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+def test_samples_keep_the_pair_to_within_half_an_8_bit_step(patient):
+    f = patient.frames[0]
+    pair = prepare_pair(patient.mr, f.image, liver=patient.liver, mr_vessels=patient.vessels, us_vessels=f.vessels)
+    sample = Sample.from_pair(pair)
+    arrays = (pair.fixed, pair.moving, pair.fov, pair.fixed_label, pair.moving_label)
+    for stored, tensor, array in zip((sample.fixed, sample.moving, sample.fov, sample.fixed_label, sample.moving_label),
+                                     sample.tensors("cpu"), arrays, strict=True):
+        assert stored.element_size() == 1
+        assert float((tensor[0, 0] - torch.from_numpy(array)).abs().max()) <= 0.5 / 255 + 1e-6
+    blurred = sample.blurred_labels(2.0)[1]
+    exact = losses.blur_label(torch.from_numpy(pair.moving_label)[None, None], 2.0)
+    assert float((blurred.float() / 255 - exact).abs().max()) <= 1.0 / 255
+
+
 def test_rigid_stage_reduces_the_vessel_label_loss(samples, tmp_path):
     config = _tiny(rigid_epochs=1, bspline_epochs=0, steps_per_epoch=12, lr_rigid=1e-3)
     from MRUSFusionLib.networks import Cascade

@@ -448,20 +448,19 @@ class Patient:
     frames: list[USFrame]
 
 
-def _inside(points_lps: np.ndarray, volume: Volume, mask: np.ndarray) -> np.ndarray:
+def _inside(points_lps: np.ndarray, volume: Volume, mask: np.ndarray | None = None) -> np.ndarray:
+    """Points whose nearest voxel lies in `volume` (and, given a `mask` on it, in the mask)."""
     idx = np.round(volume.lps_to_index(points_lps)).astype(int)
-    shape = np.array(mask.shape[::-1])
-    ok = np.all((idx >= 0) & (idx < shape), axis=1)
-    out = np.zeros(len(points_lps), bool)
-    out[ok] = mask[idx[ok, 2], idx[ok, 1], idx[ok, 0]] > 0
-    return out
+    ok = np.all((idx >= 0) & (idx < np.array(volume.size_ijk)), axis=1)
+    if mask is not None:
+        ok[ok] = mask[idx[ok, 2], idx[ok, 1], idx[ok, 0]] > 0
+    return ok
 
 
 def landmarks_in_view(patient: Patient, frame: USFrame, grid: Volume) -> np.ndarray:
     """Mask of the landmarks a registration on `grid` can be scored on: the MR landmark inside
     the grid and its true US position inside the frame's field of view."""
-    return _inside(patient.landmarks_lps, grid, np.ones(grid.array.shape, np.uint8)) & \
-        _inside(frame.landmarks_lps, frame.fov, frame.fov.array)
+    return _inside(patient.landmarks_lps, grid) & _inside(frame.landmarks_lps, frame.fov, frame.fov.array)
 
 
 def _grid_points(grid: Volume) -> np.ndarray:
