@@ -73,3 +73,25 @@ def test_shipped_model_on_a_whole_abdomen_works_within_the_livers_slab():
     assert stop - first < 0.75 * of  # the abdomen below the liver was cut away...
     assert scores["liver_dice"] > 0.9  # ...but not the liver
     assert scores["lesion_dice"] > 0.8 and scores["lesions_correct"] == scores["lesions_predicted"] > 0
+
+
+def test_a_users_model_runs_with_the_localiser_given_on_the_command_line_and_refuses_a_wrong_one(tmp_path):
+    import argparse
+
+    import pytest
+    from FetalBiometryLib.segment import SHIPPED_MODEL as FETAL_MODEL
+    from LiverLesionSegLib import cli
+
+    from deepnav.errors import InputError
+
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser)
+
+    def load(*extra):
+        return cli._load(parser.parse_args(["segment", "--phase", "venous=v.nii.gz", "--model", str(SHIPPED_MODEL),
+                                            "--device", "cpu", "--out", str(tmp_path), *extra]))
+
+    assert load().localiser is None  # a user's own model alone: no localiser unless asked for
+    assert load("--localiser", str(SHIPPED_LOCALISER)).localiser.path == SHIPPED_LOCALISER
+    with pytest.raises(InputError, match="liver lesion segmentation"):
+        load("--localiser", str(FETAL_MODEL))

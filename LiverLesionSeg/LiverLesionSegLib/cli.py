@@ -51,7 +51,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", help="phase whose frame the results are in (default: arterial, else venous)")
     p.add_argument("--liver", type=Path, help="a liver mask on the reference phase's grid (default: the model's)")
     p.add_argument("--registration", choices=["pso-powell", "sitk"], default="pso-powell")
-    p.add_argument("--model", type=Path)
+    p.add_argument("--model", type=Path, help="lesion model (default: the shipped one, with the shipped localiser)")
+    p.add_argument("--localiser", type=Path,
+                   help="model that finds the liver's slab on series taller than 220 mm before --model runs")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=_segment)
@@ -154,7 +156,7 @@ def _load(args):
     from LiverLesionSegLib.model_io import load_model
 
     configure_threads()
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, localiser=getattr(args, "localiser", None))
     print_progress(0.0, f"model {model.path.name} on {describe_device(model.device)}")
     return model
 
