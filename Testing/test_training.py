@@ -140,3 +140,11 @@ def test_learning_rate_decays_over_each_stage_from_its_own_rate():
         assert 0.05 * base < rates[-1] < 0.1 * base
     config.lr_decay = False
     assert stage_lr(config, "bspline", 4, 3) == 1e-3
+
+
+def test_synthetic_validation_includes_the_end_expiration_frame():
+    from MRUSFusionLib.dataset import validation_frames
+
+    assert validation_frames(8) == [0, 4, 7]
+    assert validation_frames(3) == [0, 1, 2]
+    assert validation_frames(1) == [0]

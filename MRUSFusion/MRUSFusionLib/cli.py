@@ -150,7 +150,7 @@ def _train(args) -> int:
         pools = dataset.synthetic_samples(seeds, args.frames)
         n_train = len(seeds) - args.val_patients
         train_samples = [s for pool in pools[:n_train] for s in pool]
-        val_samples = [pool[i] for pool in pools[n_train:] for i in sorted({1, len(pool) // 2, len(pool) - 1})]
+        val_samples = [pool[i] for pool in pools[n_train:] for i in dataset.validation_frames(len(pool))]
         source = {"kind": "synthetic", "patient_seeds": seeds, "frames": args.frames, "validation_patients": seeds[n_train:]}
     else:
         if not (args.mr_vessels and args.us and args.us_vessels):
