@@ -148,3 +148,16 @@ def test_synthetic_validation_includes_the_end_expiration_frame():
     assert validation_frames(8) == [0, 4, 7]
     assert validation_frames(3) == [0, 1, 2]
     assert validation_frames(1) == [0]
+
+
+def test_synthetic_patients_are_generated_in_worker_processes_with_progress_and_known_landmarks():
+    from MRUSFusionLib.dataset import TRAINING_SEED_BASE, patient_samples, synthetic_samples
+
+    reports = []
+    seeds = [TRAINING_SEED_BASE + 990, TRAINING_SEED_BASE + 991]
+    pools = synthetic_samples(seeds, frames=1, progress=lambda f, m: reports.append(f))
+    assert reports == [0.5, 1.0]
+    assert [len(p) for p in pools] == [1, 1]
+    again = patient_samples(seeds[1], frames=1)[0]  # the same patient in this process: bit for bit
+    assert torch.equal(pools[1][0].moving, again.moving) and torch.equal(pools[1][0].landmarks_ijk, again.landmarks_ijk)
+    assert len(again.landmarks_ijk) > 0

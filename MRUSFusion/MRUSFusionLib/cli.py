@@ -147,7 +147,7 @@ def _train(args) -> int:
             raise InputError(f"--synthetic {args.synthetic} leaves no training patient after {args.val_patients} for validation")
         seeds = [dataset.TRAINING_SEED_BASE + args.seed * 1000 + i for i in range(args.synthetic)]
         print_progress(0.0, f"generating {len(seeds)} synthetic patients x {args.frames} frames")
-        pools = dataset.synthetic_samples(seeds, args.frames)
+        pools = dataset.synthetic_samples(seeds, args.frames, progress=print_progress)
         n_train = len(seeds) - args.val_patients
         train_samples = [s for pool in pools[:n_train] for s in pool]
         val_samples = [pool[i] for pool in pools[n_train:] for i in dataset.validation_frames(len(pool))]

@@ -10,6 +10,7 @@ import numpy as np
 
 from deepnav.errors import InputError
 from deepnav.imaging import Volume, read_volume
+from deepnav.progress import ProgressCallback, silent
 from MRUSFusionLib.phantom import landmarks_in_view, make_patient
 from MRUSFusionLib.preprocess import fusion_grid, prepare_pair
 from MRUSFusionLib.training import Sample
@@ -43,11 +44,17 @@ def validation_frames(frames: int) -> list[int]:
     return sorted({0, frames // 2, frames - 1})
 
 
-def synthetic_samples(seeds: list[int], frames: int, workers: int = 2) -> list[list[Sample]]:
-    """One list of samples per patient, generated in parallel processes. The workers are spawned,
-    not forked: a fork after torch has started its thread pool can deadlock the children."""
+def synthetic_samples(seeds: list[int], frames: int, workers: int = 2,
+                      progress: ProgressCallback = silent) -> list[list[Sample]]:
+    """One list of samples per patient, generated in parallel processes (~7 s per patient of
+    3 frames on one core), reporting each patient done. The workers are spawned, not forked: a
+    fork after torch has started its thread pool can deadlock the children."""
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(patient_samples, seeds, [frames] * len(seeds)))
+        pools = []
+        for done, samples in enumerate(pool.map(patient_samples, seeds, [frames] * len(seeds)), 1):
+            pools.append(samples)
+            progress(done / len(seeds), f"synthetic patient {done}/{len(seeds)} ({frames} frames)")
+        return pools
 
 
 def file_samples(mr: Path, mr_vessels: Path, us: list[Path], us_vessels: list[Path], liver: Path | None) -> list[Sample]:
