@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -51,10 +52,18 @@ def synthetic_samples(seeds: list[int], frames: int, workers: int = 2,
     fork after torch has started its thread pool can deadlock the children."""
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pools = []
-        for done, samples in enumerate(pool.map(patient_samples, seeds, [frames] * len(seeds)), 1):
-            pools.append(samples)
+        for done, payload in enumerate(pool.map(_patient_samples_pickled, seeds, [frames] * len(seeds)), 1):
+            pools.append(pickle.loads(payload))
             progress(done / len(seeds), f"synthetic patient {done}/{len(seeds)} ({frames} frames)")
         return pools
+
+
+def _patient_samples_pickled(seed: int, frames: int) -> bytes:
+    """A worker's result as plain pickle bytes. Returned as tensors, multiprocessing would pass
+    each through shared memory behind its own file descriptor (torch's sharing strategy): six per
+    frame, held open for the whole training, so ~170 frames would exhaust the common limit of 1024
+    descriptors (a 256-patient run held 3,490)."""
+    return pickle.dumps(patient_samples(seed, frames))
 
 
 def file_samples(mr: Path, mr_vessels: Path, us: list[Path], us_vessels: list[Path], liver: Path | None) -> list[Sample]:
