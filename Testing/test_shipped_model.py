@@ -1,5 +1,6 @@
-"""The shipped model on an unseen synthetic patient: its exported transform is the network's warp
-(SimpleITK resampling the original US through transform.h5 / field.nrrd gives the same image)."""
+"""The shipped model on an unseen synthetic patient: it reduces the landmark error, and its exported
+transform is the network's warp (SimpleITK resampling the original US through transform.h5 /
+field.nrrd gives the same image)."""
 
 import numpy as np
 import pytest
@@ -14,9 +15,9 @@ def result(patient, shipped_model):
     return register(shipped_model, patient.mr, frame.image, liver=patient.liver), frame
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model does not yet generalise to unseen patients "
-                   "(MODEL_CARD.md): remove this marker when a retrained model passes")
 def test_shipped_model_reduces_landmark_error(patient, result):
+    """End of the breathing cycle on an unseen patient: 8.4 -> 2.6 mm median (the first shipped
+    model, trained on 16 patients, made it worse)."""
     reg, frame = result
     before = np.linalg.norm(patient.landmarks_lps - frame.landmarks_lps, axis=1)
     after = np.linalg.norm(reg.map_points_lps(patient.landmarks_lps) - frame.landmarks_lps, axis=1)
