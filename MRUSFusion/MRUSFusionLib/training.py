@@ -81,8 +81,11 @@ class Sample:
         landmarks = None if landmarks_ijk is None else torch.as_tensor(landmarks_ijk, dtype=torch.float32)
         return cls(*t, landmarks_ijk=landmarks)
 
-    def tensors(self, device):
-        return [_from_fraction8(t, device) for t in (self.fixed, self.moving, self.fov, self.fixed_label, self.moving_label)]
+    def tensors(self, device, label_sigma: float | None = None) -> list[torch.Tensor]:
+        """(fixed, moving, fov, fixed_label, moving_label) as float32 on `device`; with
+        `label_sigma`, the labels blurred for the label term (`blurred_labels`) instead of as drawn."""
+        labels = (self.fixed_label, self.moving_label) if label_sigma is None else self.blurred_labels(label_sigma)
+        return [_from_fraction8(t, device) for t in (self.fixed, self.moving, self.fov, *labels)]
 
     def blurred_labels(self, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(fixed, moving) vessel labels blurred for the label term, computed once per sample:
@@ -123,8 +126,7 @@ class Batch:
 def make_batch(sample: Sample, config: TrainConfig, device, rng: np.random.Generator | None = None) -> Batch:
     """The sample as a batch; with `rng`, its US moved by a random rigid augmentation (more
     misalignments to learn from), without, by none."""
-    fixed, moving, fov, fixed_label, moving_label = (
-        _from_fraction8(t, device) for t in (sample.fixed, sample.moving, sample.fov, *sample.blurred_labels(config.label_sigma)))
+    fixed, moving, fov, fixed_label, moving_label = sample.tensors(device, config.label_sigma)
     params = torch.zeros(1, 6, device=device)
     if rng is not None:
         shift = rng.uniform(-config.augment_shift, config.augment_shift, 3)
