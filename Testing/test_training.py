@@ -54,11 +54,13 @@ def test_rigid_stage_reduces_the_vessel_label_loss(samples, tmp_path):
     assert after < before - 0.02
 
 
-def test_resumed_training_equals_uninterrupted_training(samples, tmp_path):
-    config = _tiny()
+@pytest.mark.parametrize("weight_average", [0.0, 0.5])
+def test_resumed_training_equals_uninterrupted_training(samples, tmp_path, weight_average):
+    config = _tiny(weight_average=weight_average)
     straight, info = train(samples[:1], samples[1:], tmp_path / "a", config, progress=silent)
     # stop after the rigid epoch, then resume for the B-spline epoch
-    train(samples[:1], samples[1:], tmp_path / "b", _tiny(bspline_epochs=0), progress=silent)
+    train(samples[:1], samples[1:], tmp_path / "b", _tiny(bspline_epochs=0, weight_average=weight_average),
+          progress=silent)
     extended = checkpoint_config(tmp_path / "b")
     extended.bspline_epochs = 1  # the user asks for more epochs on resume
     assert extended == config
@@ -70,6 +72,28 @@ def test_resumed_training_equals_uninterrupted_training(samples, tmp_path):
     assert len(history["history"]) == 2
     assert {"val_vessel_dice", "val_label_ncc", "val_mind"} <= set(history["history"][-1])
     assert np.isfinite(info["best"]["vessel_dice"])
+
+
+def test_weight_average_moves_towards_the_trained_weights_and_is_what_training_keeps(samples, tmp_path):
+    from MRUSFusionLib.networks import Cascade
+    from MRUSFusionLib.training import WeightAverage
+
+    model = Cascade()
+    average = WeightAverage(model, 0.75)
+    before = [p.detach().clone() for p in average.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update(model)
+    for a, b, p in zip(average.model.parameters(), before, model.parameters(), strict=True):
+        torch.testing.assert_close(a, 0.75 * b + 0.25 * p)
+    # a rigid-only run keeps the average (best.pt), not the raw weights it trained (checkpoint.pt)
+    config = _tiny(bspline_epochs=0, steps_per_epoch=3, lr_rigid=1e-3, weight_average=0.5)
+    kept, _ = train(samples[:1], samples[1:], tmp_path, config, progress=silent)
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]["rigid.fc.bias"]
+    average_bias = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["average"]["rigid.fc.bias"]
+    torch.testing.assert_close(kept.state_dict()["rigid.fc.bias"], average_bias)
+    assert float((raw - average_bias).abs().max()) > 1e-6
 
 
 def test_cancel_stops_training_between_steps(samples, tmp_path):

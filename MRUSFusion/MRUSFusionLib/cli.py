@@ -42,6 +42,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-rigid", type=float)
     p.add_argument("--lr-bspline", type=float)
     p.add_argument("--constant-lr", action="store_true", help="no cosine decay of the learning rate within each stage")
+    p.add_argument("--weight-average", type=float, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights (e.g. 0.99; 0: off)")
     p.add_argument("--augment-shift", type=float, help="random extra US shift, voxels (0: none)")
     p.add_argument("--augment-rotation", type=float, help="random extra US rotation, degrees (0: none)")
     p.add_argument("--init", type=Path, help="start from this model (.pt), e.g. the shipped one, to fine-tune")
@@ -134,7 +136,8 @@ def _train(args) -> int:
     config = (training.checkpoint_config(args.out) if args.resume else None) or training.TrainConfig(seed=args.seed)
     overrides = {"rigid_epochs": args.rigid_epochs, "bspline_epochs": args.bspline_epochs,
                  "steps_per_epoch": args.steps_per_epoch, "lr_rigid": args.lr_rigid, "lr_bspline": args.lr_bspline,
-                 "augment_shift": args.augment_shift, "augment_rotation_deg": args.augment_rotation}
+                 "augment_shift": args.augment_shift, "augment_rotation_deg": args.augment_rotation,
+                 "weight_average": args.weight_average}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)

@@ -8,6 +8,7 @@ best-validation weights kept apart. Seeds make runs repeatable.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -42,6 +43,9 @@ class TrainConfig:
     loss_block: int = 80  # MIND is evaluated on a random block of this size inside the US
     augment_shift: float = 4.0  # extra random rigid misalignment of the US, voxels
     augment_rotation_deg: float = 3.0
+    # exponential moving average of the weights, validated and kept instead of the raw ones
+    # (0: off); see WeightAverage
+    weight_average: float = 0.0
     seed: int = 0
 
     def to_json(self) -> dict:
@@ -151,6 +155,21 @@ def stage_lr(config: TrainConfig, stage: str, epoch: int, step: int) -> float:
         return base
     t = ((epoch - first) * config.steps_per_epoch + step) / max(epochs * config.steps_per_epoch, 1)
     return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trainable weights (a copy of the model):
+    w_avg <- decay * w_avg + (1 - decay) * w after each step. With one pair per step the raw
+    weights wander: the rigid stage's validation TRE swung by up to 0.9 mm between consecutive
+    epochs of a 256-patient run; the average of the last ~1 / (1 - decay) steps does not."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - self.decay)
 
 
 def _block(shape: list[int], size: int, fov: torch.Tensor, rng: np.random.Generator) -> tuple[slice, ...]:
@@ -270,11 +289,18 @@ def train(
         model.load_state_dict(ckpt["model"])
         history, best, epoch0, opt_state = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1, ckpt["optimizer"]
         progress(0.0, f"resuming after epoch {epoch0} of {config.rigid_epochs + config.bspline_epochs}")
+    average = WeightAverage(model, config.weight_average) if config.weight_average > 0 else None
+    if average is not None and epoch0 > 0:
+        average.model.load_state_dict(ckpt["average"])
+    evaluated = average.model if average is not None else model
     total_epochs = config.rigid_epochs + config.bspline_epochs
     model.train()
     optimizer = None
     for epoch in range(epoch0, total_epochs):
         stage = "rigid" if epoch < config.rigid_epochs else "bspline"
+        if average is not None and epoch == config.rigid_epochs:
+            # the B-spline stage learns on the output of the rigid network that will ship
+            model.rigid.load_state_dict(average.model.rigid.state_dict())
         if optimizer is None or (stage == "bspline" and epoch == config.rigid_epochs):
             params = model.rigid.parameters() if stage == "rigid" else model.bspline.parameters()
             lr = config.lr_rigid if stage == "rigid" else config.lr_bspline
@@ -299,13 +325,15 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = stage_lr(config, stage, epoch, step)
             optimizer.step()
+            if average is not None:
+                average.update(model)
             for k, v in {"loss": float(loss.detach()), **terms}.items():
                 running.setdefault(k, []).append(v)
             done = (epoch + (step + 1) / config.steps_per_epoch) / total_epochs
             if (step + 1) % 10 == 0:
                 recent = np.mean(running["loss"][-10:])
                 progress(done, f"epoch {epoch + 1}/{total_epochs} ({stage}) step {step + 1}: loss {recent:.4f}")
-        scores = validate(model, val_samples, device)
+        scores = validate(evaluated, val_samples, device)
         record = {"epoch": epoch, "stage": stage, "seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": float(np.mean(v)) for k, v in running.items()},
                   **{f"val_{k}": v for k, v in scores.items()}}
@@ -320,9 +348,10 @@ def train(
         score = -scores["tre_mm"] if "tre_mm" in scores else scores["label_ncc"] - scores["mind"]
         if score > best["score"]:
             best = {"score": score, "epoch": epoch, **scores}
-            save_atomic({"model": model.state_dict(), "epoch": epoch, "scores": scores}, out_dir / "best.pt")
+            save_atomic({"model": evaluated.state_dict(), "epoch": epoch, "scores": scores}, out_dir / "best.pt")
         save_atomic({
             "version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
+            "average": None if average is None else average.model.state_dict(),
             "optimizer": {"stage": stage, "state": optimizer.state_dict()},
             "config": config.to_json(), "history": history, "best": best,
         }, checkpoint_path)
