@@ -90,10 +90,19 @@ def test_weight_average_moves_towards_the_trained_weights_and_is_what_training_k
     # a rigid-only run keeps the average (best.pt), not the raw weights it trained (checkpoint.pt)
     config = _tiny(bspline_epochs=0, steps_per_epoch=3, lr_rigid=1e-3, weight_average=0.5)
     kept, _ = train(samples[:1], samples[1:], tmp_path, config, progress=silent)
-    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]["rigid.fc.bias"]
-    average_bias = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["average"]["rigid.fc.bias"]
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    raw, average_bias = checkpoint["model"]["rigid.fc.bias"], checkpoint["average"]["rigid.fc.bias"]
     torch.testing.assert_close(kept.state_dict()["rigid.fc.bias"], average_bias)
     assert float((raw - average_bias).abs().max()) > 1e-6
+
+
+def test_a_run_resumed_with_weight_averaging_newly_asked_for_starts_it_at_the_resumed_weights(samples, tmp_path):
+    train(samples[:1], samples[1:], tmp_path, _tiny(bspline_epochs=0), progress=silent)
+    resumed = checkpoint_config(tmp_path)
+    resumed.weight_average, resumed.bspline_epochs = 0.5, 1
+    model, info = train(samples[:1], samples[1:], tmp_path, resumed, resume=True, progress=silent)
+    assert [h["epoch"] for h in info["history"]] == [0, 1]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["average"] is not None
 
 
 def test_cancel_stops_training_between_steps(samples, tmp_path):
