@@ -47,10 +47,10 @@ def test_rigid_stage_reduces_the_vessel_label_loss(samples, tmp_path):
 
     batch = make_batch(samples[1], config, "cpu")
     with torch.no_grad():
-        before = float(rigid_step(Cascade(), batch, config))
+        before = float(rigid_step(Cascade(), batch, config)[0])
     model, _ = train(samples[1:], samples[1:], tmp_path, config, progress=silent)
     with torch.no_grad():
-        after = float(rigid_step(model, batch, config))
+        after = float(rigid_step(model, batch, config)[0])
     assert after < before - 0.02
 
 
@@ -160,6 +160,56 @@ def test_losses_resample_the_us_once_through_augmentation_then_prediction(sample
     assert float(error.max()) < 0.1 * float(label.max())  # measured 0.07: two interpolations vs one
     # and the other order would be wrong by far more than the interpolation
     assert float((reverse - twice)[inner].abs().mean()) > 5 * float(error.mean())  # measured 10x
+
+
+def test_landmark_term_is_zero_exactly_for_the_prediction_that_undoes_the_augmentation(samples):
+    """Landmarks whose true US position is x + t: the prediction M with augmentation o M = shift
+    by t scores 0 mm through the matrix and through the dense field alike; the identity
+    prediction scores the mean distance the augmentation and t leave."""
+    import dataclasses
+
+    from MRUSFusionLib.training import landmark_error
+    from MRUSFusionLib.warp import affine_displacement, compose_matrices
+
+    x = torch.tensor([[40.0, 50.0, 60.0], [80.0, 70.0, 55.0], [64.0, 90.0, 30.0]])
+    t = torch.tensor([2.0, -1.0, 3.0])
+    sample = dataclasses.replace(samples[0], landmarks_ijk=torch.stack([x, x + t], 1))
+    batch = make_batch(sample, _tiny(augment_shift=4.0, augment_rotation_deg=5.0), "cpu", np.random.default_rng(2))
+    square = torch.eye(4)[None].repeat(1, 1, 1)
+    square[:, :3] = batch.augmentation
+    undo = torch.linalg.inv(square)[:, :3]  # augmentation^-1
+    shift = torch.cat([torch.eye(3), t[:, None]], 1)[None]
+    truth = compose_matrices(batch.augmentation, compose_matrices(undo, shift))  # = shift by t
+    assert float(landmark_error(batch, truth)) < 1e-4
+    assert float(landmark_error(batch, affine_displacement(truth, batch.size))) < 1e-3
+    identity = compose_matrices(batch.augmentation, torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)[None])
+    mapped = x @ batch.augmentation[0, :, :3].T + batch.augmentation[0, :, 3]
+    expected = torch.linalg.norm(mapped - (x + t), dim=1).mean()
+    assert float(landmark_error(batch, identity)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(expected) > 1.0
+
+
+def test_landmark_weights_add_the_known_truth_term_to_each_stage(samples):
+    import dataclasses
+
+    from MRUSFusionLib.networks import Cascade
+    from MRUSFusionLib.training import bspline_step
+
+    x = torch.tensor([[40.0, 50.0, 60.0], [80.0, 70.0, 55.0]])
+    batch = make_batch(samples[0], _tiny(), "cpu")
+    assert batch.landmarks is None  # (this sample carries none: the term is skipped)
+    assert rigid_step(Cascade(), batch, _tiny(landmark_weight_rigid=0.5))[1].keys() == {"label"}
+    batch = make_batch(dataclasses.replace(samples[0], landmarks_ijk=torch.stack([x, x + 3.0], 1)), _tiny(), "cpu")
+    model = Cascade()
+    with torch.no_grad():
+        plain, terms = rigid_step(model, batch, _tiny())
+        weighted, weighted_terms = rigid_step(model, batch, _tiny(landmark_weight_rigid=0.5))
+        assert "landmarks" not in terms
+        assert float(weighted) == pytest.approx(float(plain) + 0.5 * weighted_terms["landmarks"], rel=1e-5)
+        _, b_terms = bspline_step(model, batch, _tiny(landmark_weight_bspline=2.0), np.random.default_rng(0))
+        # an untrained network is the identity: the error is the initial misalignment, 3 sqrt(3) mm
+        assert weighted_terms["landmarks"] == pytest.approx(3 * 3 ** 0.5, rel=1e-4)
+        assert b_terms["landmarks"] == pytest.approx(3 * 3 ** 0.5, rel=1e-4)
 
 
 def test_learning_rate_decays_over_each_stage_from_its_own_rate():

@@ -44,6 +44,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--constant-lr", action="store_true", help="no cosine decay of the learning rate within each stage")
     p.add_argument("--weight-average", type=float, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights (e.g. 0.99; 0: off)")
+    p.add_argument("--landmark-weight", type=float, nargs=2, metavar=("RIGID", "BSPLINE"),
+                   help="synthetic patients: add the mean landmark error (mm, known truth) to the rigid and "
+                        "B-spline losses with these weights (default 0 0: the spec's losses alone)")
     p.add_argument("--augment-shift", type=float, help="random extra US shift, voxels (0: none)")
     p.add_argument("--augment-rotation", type=float, help="random extra US rotation, degrees (0: none)")
     p.add_argument("--init", type=Path, help="start from this model (.pt), e.g. the shipped one, to fine-tune")
@@ -141,6 +144,8 @@ def _train(args) -> int:
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
+    if args.landmark_weight:
+        config.landmark_weight_rigid, config.landmark_weight_bspline = args.landmark_weight
     if args.constant_lr:
         config.lr_decay = False
     if args.weights:
