@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from MRUSFusionLib.bspline import CONTROL_POINTS, CONTROL_SPACING, bspline_matrix, upsample_control_points
-from MRUSFusionLib.warp import affine_displacement, compose_affine, rigid_matrix, warp
+from MRUSFusionLib.warp import affine_displacement, compose_affine, grid_centre, rigid_matrix, warp
 
 GRID = 128
 TRANSLATION_SCALE = 10.0  # voxels per unit of the rigid head's output
@@ -78,7 +78,7 @@ class Cascade(nn.Module):
         self.register_buffer("wz", w, persistent=False)
         self.register_buffer("wy", w.clone(), persistent=False)
         self.register_buffer("wx", w.clone(), persistent=False)
-        self.register_buffer("centre", torch.full((3,), (grid - 1) / 2.0), persistent=False)
+        self.register_buffer("centre", grid_centre(grid), persistent=False)
 
     def rigid_stage(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """(N, 3, 4) voxel-space rigid matrix, x_moving = A x + b."""

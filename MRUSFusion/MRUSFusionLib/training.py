@@ -25,7 +25,7 @@ from deepnav.torch_runtime import adam, seed_everything
 from MRUSFusionLib import losses
 from MRUSFusionLib.networks import Cascade
 from MRUSFusionLib.preprocess import FusionPair
-from MRUSFusionLib.warp import affine_displacement, compose_affine, compose_matrices, map_points, rigid_matrix, warp
+from MRUSFusionLib.warp import affine_displacement, compose_affine, compose_matrices, grid_centre, map_points, rigid_matrix, warp
 
 CHECKPOINT_VERSION = 1
 
@@ -143,8 +143,7 @@ def make_batch(sample: Sample, config: TrainConfig, device, rng: np.random.Gener
         shift = rng.uniform(-config.augment_shift, config.augment_shift, 3)
         angles = np.deg2rad(rng.uniform(-config.augment_rotation_deg, config.augment_rotation_deg, 3))
         params = torch.tensor(np.concatenate([shift, angles]), dtype=torch.float32, device=device)[None]
-    centre = torch.full((3,), (fixed.shape[2] - 1) / 2.0, device=device)
-    augmentation = rigid_matrix(params, centre)
+    augmentation = rigid_matrix(params, grid_centre(fixed.shape[2], device))
     moving_in = warp(moving, affine_displacement(augmentation, list(fixed.shape[2:]))) if bool(params.any()) else moving
     landmarks = None if sample.landmarks_ijk is None or not len(sample.landmarks_ijk) else sample.landmarks_ijk.to(device)
     return Batch(fixed, moving_in, augmentation, torch.cat([moving, fov, moving_label], 1), fixed_label, landmarks)

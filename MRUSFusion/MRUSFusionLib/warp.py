@@ -62,6 +62,12 @@ def euler_matrix(angles: torch.Tensor) -> torch.Tensor:
     return rz @ ry @ rx
 
 
+def grid_centre(size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(3,) voxel position (i, j, k) of the centre of a cubic grid of `size` voxels: what rigid
+    rotations turn about, for the network and for the training augmentation alike."""
+    return torch.full((3,), (size - 1) / 2.0, device=device)
+
+
 def rigid_matrix(params: torch.Tensor, centre_ijk: torch.Tensor) -> torch.Tensor:
     """(N, 6) = (ti, tj, tk in voxels, ai, aj, ak in radians), rotation about the grid centre:
     x_moving = R (x - c) + c + t. Returns (N, 3, 4)."""
