@@ -80,6 +80,14 @@ def test_training_from_files_refuses_mismatched_labels(patient_dir, tmp_path, ca
     assert code == 2 and "US vessel label does not match" in capsys.readouterr().err
 
 
+def test_training_from_files_refuses_the_known_truth_term(patient_dir, tmp_path, capsys):
+    code = main(["fusion", "train", "--mr", str(patient_dir / "mr.nrrd"), "--mr-vessels", str(patient_dir / "mr_vessels.nrrd"),
+                 "--us", str(patient_dir / "us_00.nrrd"), "--us-vessels", str(patient_dir / "us_00_vessels.nrrd"),
+                 "--landmark-weight", "0.1", "1", "--out", str(tmp_path / "t")])
+    assert code == 2 and "--landmark-weight needs --synthetic" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
 def test_synthetic_training_writes_loadable_models_and_resumes(tmp_path):
     from MRUSFusionLib.model_io import load_model
 

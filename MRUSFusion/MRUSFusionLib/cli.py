@@ -145,6 +145,8 @@ def _train(args) -> int:
         if value is not None:
             setattr(config, name, value)
     if args.landmark_weight:
+        if not args.synthetic:
+            raise InputError("--landmark-weight needs --synthetic: a patient's own files carry no known landmark truth")
         config.landmark_weight_rigid, config.landmark_weight_bspline = args.landmark_weight
     if args.constant_lr:
         config.lr_decay = False
