@@ -162,54 +162,53 @@ def test_losses_resample_the_us_once_through_augmentation_then_prediction(sample
     assert float((reverse - twice)[inner].abs().mean()) > 5 * float(error.mean())  # measured 10x
 
 
-def test_landmark_term_is_zero_exactly_for_the_prediction_that_undoes_the_augmentation(samples):
-    """Landmarks whose true US position is x + t: the prediction M with augmentation o M = shift
-    by t scores 0 mm through the matrix and through the dense field alike; the identity
-    prediction scores the mean distance the augmentation and t leave."""
+def test_landmark_term_is_the_mean_distance_through_matrix_and_field_alike(samples):
+    """Landmarks whose true US position is x + t: the grid-to-US map 'shift by t' scores 0 mm,
+    as a matrix and as a dense field; the identity scores |t| on every landmark."""
     import dataclasses
 
     from MRUSFusionLib.training import landmark_error
-    from MRUSFusionLib.warp import affine_displacement, compose_matrices
+    from MRUSFusionLib.warp import affine_displacement
 
     x = torch.tensor([[40.0, 50.0, 60.0], [80.0, 70.0, 55.0], [64.0, 90.0, 30.0]])
     t = torch.tensor([2.0, -1.0, 3.0])
-    sample = dataclasses.replace(samples[0], landmarks_ijk=torch.stack([x, x + t], 1))
-    batch = make_batch(sample, _tiny(augment_shift=4.0, augment_rotation_deg=5.0), "cpu", np.random.default_rng(2))
-    square = torch.eye(4)[None].repeat(1, 1, 1)
-    square[:, :3] = batch.augmentation
-    undo = torch.linalg.inv(square)[:, :3]  # augmentation^-1
+    batch = make_batch(dataclasses.replace(samples[0], landmarks_ijk=torch.stack([x, x + t], 1)), _tiny(), "cpu")
     shift = torch.cat([torch.eye(3), t[:, None]], 1)[None]
-    truth = compose_matrices(batch.augmentation, compose_matrices(undo, shift))  # = shift by t
-    assert float(landmark_error(batch, truth)) < 1e-4
-    assert float(landmark_error(batch, affine_displacement(truth, batch.size))) < 1e-3
-    identity = compose_matrices(batch.augmentation, torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)[None])
-    mapped = x @ batch.augmentation[0, :, :3].T + batch.augmentation[0, :, 3]
-    expected = torch.linalg.norm(mapped - (x + t), dim=1).mean()
-    assert float(landmark_error(batch, identity)) == pytest.approx(float(expected), rel=1e-5)
-    assert float(expected) > 1.0
+    identity = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)[None]
+    assert float(landmark_error(batch, shift)) < 1e-5
+    assert float(landmark_error(batch, affine_displacement(shift, batch.size))) < 1e-4
+    assert float(landmark_error(batch, identity)) == pytest.approx(float(torch.linalg.norm(t)), rel=1e-6)
 
 
-def test_landmark_weights_add_the_known_truth_term_to_each_stage(samples):
+def test_landmark_weights_add_the_known_truth_term_to_each_stage_through_the_augmentation(samples):
+    """Both stages score the landmarks through augmentation o prediction, as the label term
+    resamples the US: an untrained network (the identity) leaves exactly the augmentation's
+    displacement of the landmarks against their truth."""
     import dataclasses
 
     from MRUSFusionLib.networks import Cascade
     from MRUSFusionLib.training import bspline_step
 
-    x = torch.tensor([[40.0, 50.0, 60.0], [80.0, 70.0, 55.0]])
-    batch = make_batch(samples[0], _tiny(), "cpu")
+    config = _tiny(augment_shift=4.0, augment_rotation_deg=5.0)
+    batch = make_batch(samples[0], config, "cpu", np.random.default_rng(2))
     assert batch.landmarks is None  # (this sample carries none: the term is skipped)
-    assert rigid_step(Cascade(), batch, _tiny(landmark_weight_rigid=0.5))[1].keys() == {"label"}
-    batch = make_batch(dataclasses.replace(samples[0], landmarks_ijk=torch.stack([x, x + 3.0], 1)), _tiny(), "cpu")
+    with_term = dataclasses.replace(config, landmark_weight_rigid=0.5, landmark_weight_bspline=2.0)
+    assert rigid_step(Cascade(), batch, with_term)[1].keys() == {"label"}
+    x = torch.tensor([[40.0, 50.0, 60.0], [80.0, 70.0, 55.0]])
+    sample = dataclasses.replace(samples[0], landmarks_ijk=torch.stack([x, x + 3.0], 1))
+    batch = make_batch(sample, config, "cpu", np.random.default_rng(2))
+    a = batch.augmentation[0]
+    expected = float(torch.linalg.norm(x @ a[:, :3].T + a[:, 3] - (x + 3.0), dim=1).mean())
     model = Cascade()
     with torch.no_grad():
-        plain, terms = rigid_step(model, batch, _tiny())
-        weighted, weighted_terms = rigid_step(model, batch, _tiny(landmark_weight_rigid=0.5))
-        assert "landmarks" not in terms
-        assert float(weighted) == pytest.approx(float(plain) + 0.5 * weighted_terms["landmarks"], rel=1e-5)
-        _, b_terms = bspline_step(model, batch, _tiny(landmark_weight_bspline=2.0), np.random.default_rng(0))
-        # an untrained network is the identity: the error is the initial misalignment, 3 sqrt(3) mm
-        assert weighted_terms["landmarks"] == pytest.approx(3 * 3 ** 0.5, rel=1e-4)
-        assert b_terms["landmarks"] == pytest.approx(3 * 3 ** 0.5, rel=1e-4)
+        plain, terms = rigid_step(model, batch, config)
+        weighted, weighted_terms = rigid_step(model, batch, with_term)
+        _, b_terms = bspline_step(model, batch, with_term, np.random.default_rng(0))
+    assert "landmarks" not in terms
+    assert weighted_terms["landmarks"] == pytest.approx(expected, rel=1e-4)
+    assert float(weighted) == pytest.approx(float(plain) + 0.5 * expected, rel=1e-4)
+    assert b_terms["landmarks"] == pytest.approx(expected, rel=1e-4)
+    assert abs(expected - 3 * 3 ** 0.5) > 0.5  # the augmentation matters here
 
 
 def test_learning_rate_decays_over_each_stage_from_its_own_rate():
