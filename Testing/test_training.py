@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +248,44 @@ def test_synthetic_patients_are_generated_in_worker_processes_with_progress_and_
     again = patient_samples(seeds[1], frames=1)[0]  # the same patient in this process: bit for bit
     assert torch.equal(pools[1][0].moving, again.moving) and torch.equal(pools[1][0].landmarks_ijk, again.landmarks_ijk)
     assert len(again.landmarks_ijk) > 0
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie waiting to be reaped counts: it runs no more)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def test_generation_workers_exit_when_their_parent_is_killed():
+    """`fusion train` killed while it generates patients must not leave its workers behind
+    (they used to wait forever on the task queue, torch loaded)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import multiprocessing, threading, time\n"
+        "from MRUSFusionLib.dataset import TRAINING_SEED_BASE, synthetic_samples\n"
+        "seeds = [TRAINING_SEED_BASE + 980 + i for i in range(8)]\n"
+        "threading.Thread(target=synthetic_samples, args=(seeds, 1), daemon=True).start()\n"
+        "while len(multiprocessing.active_children()) < 2: time.sleep(0.1)\n"
+        "time.sleep(3)\n"
+        "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "MRUSFusion"), str(root)])}
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2 and not any(_gone(pid) for pid in workers)  # at work before the kill
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(pid) for pid in workers)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -50,12 +52,23 @@ def synthetic_samples(seeds: list[int], frames: int, workers: int = 2,
     """One list of samples per patient, generated in parallel processes (~7 s per patient of
     3 frames on one core), reporting each patient done. The workers are spawned, not forked: a
     fork after torch has started its thread pool can deadlock the children."""
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with_parent) as pool:
         pools = []
         for done, payload in enumerate(pool.map(_patient_samples_pickled, seeds, [frames] * len(seeds)), 1):
             pools.append(pickle.loads(payload))
             progress(done / len(seeds), f"synthetic patient {done}/{len(seeds)} ({frames} frames)")
         return pools
+
+
+def _exit_with_parent() -> None:
+    """Worker initializer: when the parent dies (e.g. `fusion train` killed while generating),
+    the worker exits too. Without this it waited forever on the task queue, whose write end it
+    holds itself, so it never sees end-of-file: two idle processes with torch loaded were left
+    behind. A watcher thread waits on the parent's sentinel (portable, unlike Linux's prctl)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
 
 
 def _patient_samples_pickled(seed: int, frames: int) -> bytes:
