@@ -193,25 +193,23 @@ def _block(shape: list[int], size: int, fov: torch.Tensor, rng: np.random.Genera
 
 def landmark_error(batch: Batch, to_us: torch.Tensor) -> torch.Tensor:
     """Mean distance (voxels of the 1 mm grid: mm) between where a prediction sends the MR
-    landmarks in the original US and their true positions there; `to_us` is either the (1, 3, 4)
-    grid-to-US matrix or the (1, 3, D, H, W) displacement field. The distance, not its square:
-    a constant pull on every landmark, which keeps driving the last millimetres down, and a few
-    landmarks a breathing field cannot reach do not dominate."""
+    landmarks in the original US and their true positions there; `to_us` is the prediction's
+    (1, 3, D, H, W) grid-to-US displacement field, the one the label term resamples through (a
+    rigid field is interpolated exactly: it is affine). The distance, not its square: a constant
+    pull on every landmark, which keeps driving the last millimetres down, and a few landmarks a
+    breathing field cannot reach do not dominate."""
     x, truth = batch.landmarks.unbind(1)
-    if to_us.dim() == 3:
-        mapped = x @ to_us[0, :, :3].T + to_us[0, :, 3]
-    else:
-        mapped = map_points(to_us, x)
-    return torch.linalg.norm(mapped - truth, dim=1).mean()
+    return torch.linalg.norm(map_points(to_us, x) - truth, dim=1).mean()
 
 
 def rigid_step(model: Cascade, batch: Batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:
-    matrix = compose_matrices(batch.augmentation, model.rigid_stage(batch.fixed, batch.moving_in))
-    mask, warped_label = warp(batch.us[:, 1:], affine_displacement(matrix, batch.size)).split(1, 1)
+    matrix = model.rigid_stage(batch.fixed, batch.moving_in)
+    to_us = affine_displacement(compose_matrices(batch.augmentation, matrix), batch.size)
+    mask, warped_label = warp(batch.us[:, 1:], to_us).split(1, 1)
     terms = {"label": losses.label_loss(batch.fixed_label, warped_label, mask)}
     total = terms["label"]
     if config.landmark_weight_rigid > 0 and batch.landmarks is not None:
-        terms["landmarks"] = landmark_error(batch, matrix)
+        terms["landmarks"] = landmark_error(batch, to_us)
         total = total + config.landmark_weight_rigid * terms["landmarks"]
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
