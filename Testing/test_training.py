@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from deepnav.errors import InputError
 from deepnav.progress import Cancelled, CancelToken, silent
 from MRUSFusionLib import losses
@@ -276,8 +277,7 @@ def test_generation_workers_exit_when_their_parent_is_killed():
         "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
         "time.sleep(600)\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "MRUSFusion"), str(root)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "MRUSFusion"), str(ROOT)])}
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
     try:
         workers = [int(pid) for pid in parent.stdout.readline().split()]

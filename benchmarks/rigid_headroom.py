@@ -38,6 +38,7 @@ from MRUSFusionLib.alignment import rigid_from_fiducials  # noqa: E402
 from MRUSFusionLib.dataset import patient_samples  # noqa: E402
 from MRUSFusionLib.evaluation import case_seeds  # noqa: E402
 from MRUSFusionLib.model_io import load_model  # noqa: E402
+from MRUSFusionLib.networks import GRID  # noqa: E402
 from MRUSFusionLib.warp import affine_displacement, compose_affine, compose_matrices, grid_centre, map_points, rigid_matrix, warp  # noqa: E402
 
 ROWS = ("initial", "best rigid map (truth)", "rigid network", "rigid network twice",
@@ -49,7 +50,9 @@ def moved(matrix: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
 
 
 def apply(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    return points @ matrix[0, :, :3].T + matrix[0, :, 3]
+    """Points (P, 3) through a (1, 3, 4) grid-to-US matrix, by the same path as training's
+    landmark term (`map_points` on its field: exact, the field is affine)."""
+    return map_points(affine_displacement(matrix, [GRID] * 3), points)
 
 
 def mind_at(matrix: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, fov: torch.Tensor) -> float:
@@ -64,12 +67,13 @@ def frame_errors(model, sample, augmentations: list[torch.Tensor]) -> dict:
     # least squares works in any Cartesian frame: here grid voxels (1 mm), not LPS
     best = torch.from_numpy(rigid_from_fiducials(x.double().numpy(), truth.double().numpy()).matrix_lps[:3]).float()[None]
     net = model.rigid_stage(fixed, moving)
-    twice = compose_matrices(net, model.rigid_stage(fixed, moved(net, moving)))
+    net_warped = moved(net, moving)  # what the second pass and the B-spline network both see
+    twice = compose_matrices(net, model.rigid_stage(fixed, net_warped))
     # each augmented prediction maps back to the original US through its augmentation
     tta = torch.stack([compose_matrices(a, model.rigid_stage(fixed, moved(a, moving)))[0] for a in augmentations]).mean(0)
     u, _, vt = torch.linalg.svd(tta[:, :3])
     tta = torch.cat([u @ vt, tta[:, 3:]], 1)[None]  # nearest rotation to the mean
-    cascade = compose_affine(net, model.dense_field(fixed, moved(net, moving)))
+    cascade = compose_affine(net, model.dense_field(fixed, net_warped))
     predicted = [x, apply(best, x), apply(net, x), apply(twice, x), apply(tta, x), map_points(cascade, x)]
     identity = torch.eye(3, 4)[None]
     return {"errors": [(p - truth).norm(dim=1).tolist() for p in predicted],
@@ -90,7 +94,7 @@ def main() -> int:
     # the US as it is, and moved by 7 random rigid shifts (up to 4 voxels, 3 degrees)
     augmentations = [torch.eye(3, 4)[None]] + [
         rigid_matrix(torch.tensor([[*rng.uniform(-4, 4, 3), *np.deg2rad(rng.uniform(-3, 3, 3))]], dtype=torch.float32),
-                     grid_centre(128)) for _ in range(7)]
+                     grid_centre(GRID)) for _ in range(7)]
     errors, minds = [[] for _ in ROWS], []
     for n, seed in enumerate(case_seeds(args.cases, args.seed)):
         for sample in patient_samples(seed, frames=2):
