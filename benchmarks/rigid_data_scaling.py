@@ -1,0 +1,203 @@
+"""Is the rigid network short of training patients, or of training steps?
+
+The rigid network's landmark TRE (mm, on the 1 mm fusion grid) on frames of patients it was
+trained on and on unseen ones (the evaluation's, `evaluate --seed S`) tells the two apart:
+- the shipped network as it is, on the training patients and on unseen ones;
+- then, for N = 20, 60, 180 training patients, its last two convolutions and its fully connected
+  layer fine-tuned for many steps on the first N, with the first three convolutions frozen so
+  that their output (32 x 32^3 per pair) can be computed once and cached: ~0.03 s per pair
+  against ~1.2 s for the whole network's step on this CPU, so one run passes 12,000 pairs where
+  a stage of `fusion train` (16 epochs x 75 steps of one pair) passed 1,200. Each training frame enters as itself and moved
+  by a few random rigid augmentations (as `fusion train --augment-shift/--augment-rotation`),
+  the loss is the landmark term alone (known truth; a diagnostic, not the spec's label-only
+  training), and the weights after the last step are scored (none is chosen by the unseen score).
+
+If the fine-tuned layers fit their training frames far better than unseen frames, and the unseen
+error falls only slowly with N, the network needs many more distinct patients, not more steps on
+the same ones.
+
+    python benchmarks/rigid_data_scaling.py --cache /tmp/patients --json rigid_data_scaling.json
+
+Synthetic patients take ~10 s each per core to make; `--cache DIR` keeps each one (~30 MB) so a
+rerun starts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pickle
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from deepnav.statistics import spread  # noqa: E402
+from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
+from MRUSFusionLib.dataset import TRAINING_SEED_BASE, patient_samples, synthetic_samples  # noqa: E402
+from MRUSFusionLib.evaluation import case_seeds  # noqa: E402
+from MRUSFusionLib.model_io import load_model  # noqa: E402
+from MRUSFusionLib.networks import GRID  # noqa: E402
+from MRUSFusionLib.warp import affine_displacement, apply_affine_to_positions, compose_matrices, grid_centre, rigid_matrix, warp  # noqa: E402
+
+FROZEN = 3  # convolutions of RigidNet.features computed once and cached
+# training patients: the range `fusion train --synthetic N --seed 10` draws, which no shipped stage used
+TRAINING_SEEDS = TRAINING_SEED_BASE + 10 * 1000
+# the shipped network's own last stage trained on `fusion train --synthetic 256 --seed 7`: its first patients
+SHIPPED_STAGE_SEEDS = TRAINING_SEED_BASE + 7 * 1000
+
+
+def patients(seeds: list[int], frames: int, cache: Path | None) -> list[list]:
+    """Each patient's samples, made in parallel, or read from `cache` where made before."""
+    paths = {s: cache / f"{s}_{frames}.pkl" for s in seeds} if cache else {}
+    missing = [s for s in seeds if not (cache and paths[s].exists())]
+    made = dict(zip(missing, synthetic_samples(missing, frames), strict=True)) if missing else {}
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        for s, samples in made.items():
+            paths[s].write_bytes(pickle.dumps(samples))
+    return [made[s] if s in made else pickle.loads(paths[s].read_bytes()) for s in seeds]
+
+
+class Encoded:
+    """Cached frozen features (float16), each with the augmentation that moved its US (grid ->
+    original US, (3, 4) voxels) and its landmarks ((L, 2, 3): MR position, true US position)."""
+
+    def __init__(self):
+        self.features, self.augmentation, self.landmarks = [], [], []
+
+    @torch.no_grad()
+    def add(self, model, sample, augmentation: torch.Tensor) -> None:
+        """A frame without landmarks in view has nothing to score: left out."""
+        if sample.landmarks_ijk is None or not len(sample.landmarks_ijk):
+            return
+        fixed, moving = sample.tensors("cpu")[:2]
+        if bool((augmentation != torch.eye(3, 4)).any()):
+            moving = warp(moving, affine_displacement(augmentation[None], [GRID] * 3))
+        self.features.append(model.rigid.features[:FROZEN](torch.cat([fixed, moving], 1))[0].half())
+        self.augmentation.append(augmentation)
+        self.landmarks.append(sample.landmarks_ijk)
+
+
+def rigid_head(model) -> torch.nn.ModuleDict:
+    """The trainable part: convolutions after the frozen ones and the fully connected layer."""
+    return copy.deepcopy(torch.nn.ModuleDict({"late": model.rigid.features[FROZEN:], "fc": model.rigid.fc}))
+
+
+def predict(model, head, features: torch.Tensor, augmentation: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 4) grid -> original-US matrices: the head's rigid map composed with the augmentation."""
+    raw = head["fc"](head["late"](features).flatten(1))
+    params = torch.cat([raw[:, :3] * model.rigid.translation_scale, raw[:, 3:] * model.rigid.rotation_scale], 1)
+    return compose_matrices(augmentation, rigid_matrix(params, grid_centre(GRID)))
+
+
+def distances(matrix: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """(L,) mm between where the (3, 4) matrix sends the MR landmarks and their true US positions."""
+    x, truth = landmarks.unbind(1)
+    return torch.linalg.norm(apply_affine_to_positions(matrix[None], x.T[None])[0].T - truth, dim=1)
+
+
+@torch.no_grad()
+def tre(model, head, data: Encoded) -> dict:
+    errors = [distances(predict(model, head, f[None].float(), a[None])[0], lm)
+              for f, a, lm in zip(data.features, data.augmentation, data.landmarks, strict=True)]
+    return spread(torch.cat(errors).tolist())
+
+
+def fine_tune(model, data: Encoded, args, rng: np.random.Generator) -> torch.nn.ModuleDict:
+    head = rigid_head(model)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    for step in range(1, args.steps + 1):
+        for group in optimiser.param_groups:  # cosine to 5%, as training.stage_lr
+            group["lr"] = args.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
+        pick = rng.choice(len(data.features), args.batch, replace=False)
+        matrices = predict(model, head, torch.stack([data.features[i] for i in pick]).float(),
+                           torch.stack([data.augmentation[i] for i in pick]))
+        loss = torch.stack([distances(m, data.landmarks[i]).mean() for m, i in zip(matrices, pick, strict=True)]).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 250 == 0:
+            print(f"  step {step}/{args.steps}: training loss {loss.item():.2f} mm", flush=True)
+    return head
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-patients", type=int, nargs="+", default=[20, 60, 180])
+    parser.add_argument("--frames", type=int, default=3, help="frames per training patient")
+    parser.add_argument("--augmentations", type=int, default=3, help="randomly moved copies of each training frame")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--shipped-patients", type=int, default=20,
+                        help="patients of the shipped network's last training stage to score it on")
+    parser.add_argument("--cases", type=int, default=20, help="unseen patients (the evaluation's, 2 frames each)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    configure_threads()
+    model = load_model(args.model, "cpu").eager().eval()
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+
+    unseen = Encoded()
+    for seed in case_seeds(args.cases, args.seed):
+        for sample in patient_samples(seed, frames=2):
+            unseen.add(model, sample, torch.eye(3, 4))
+    n_max = max(args.train_patients)
+    print(f"making or reading {n_max} training patients x {args.frames} frames", flush=True)
+    training, plain = Encoded(), Encoded()  # augmented copies for fine-tuning; the frames as they are for scoring
+    counts = []  # (plain, training) items encoded after each patient
+    for samples in patients([TRAINING_SEEDS + i for i in range(n_max)], args.frames, args.cache):
+        for sample in samples:
+            plain.add(model, sample, torch.eye(3, 4))
+            training.add(model, sample, torch.eye(3, 4))
+            for _ in range(args.augmentations):
+                params = [*rng.uniform(-8, 8, 3), *np.deg2rad(rng.uniform(-6, 6, 3))]
+                training.add(model, sample, rigid_matrix(torch.tensor([params], dtype=torch.float32), grid_centre(GRID))[0])
+        counts.append((len(plain.features), len(training.features)))
+    own = Encoded()  # frames the shipped network's last stage trained on
+    for samples in patients([SHIPPED_STAGE_SEEDS + i for i in range(args.shipped_patients)], args.frames, args.cache):
+        for sample in samples:
+            own.add(model, sample, torch.eye(3, 4))
+
+    def first(data: Encoded, items: int) -> Encoded:
+        part = Encoded()
+        for name in ("features", "augmentation", "landmarks"):
+            setattr(part, name, getattr(data, name)[:items])
+        return part
+
+    shipped = rigid_head(model)
+    rows = [{"training patients": 0, "what": "shipped rigid network", "training frames": tre(model, shipped, own),
+             "unseen": tre(model, shipped, unseen)}]
+    for n in sorted(args.train_patients):
+        print(f"fine-tuning on {n} patients ({counts[n - 1][1]} cached pairs)", flush=True)
+        head = fine_tune(model, first(training, counts[n - 1][1]), args, rng)
+        rows.append({"training patients": n, "what": "last layers fine-tuned",
+                     "training frames": tre(model, head, first(plain, counts[n - 1][0])), "unseen": tre(model, head, unseen)})
+    print(f"\n{'rigid network':32s}{'train median':>14s}{'unseen median':>15s}{'unseen p90':>12s}")
+    for r in rows:
+        name = r["what"] + (f", {r['training patients']} patients" if r["training patients"] else "")
+        print(f"{name:32s}{r['training frames']['median']:14.2f}{r['unseen']['median']:15.2f}{r['unseen']['p90']:12.2f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("json", "cache")}
+    scored = (f"the first N patients' frames, unmoved; the shipped row: the first {args.shipped_patients} patients "
+              "of its last training stage (seed 7)")
+    args.json.write_text(json.dumps({"what": __doc__.splitlines()[0], "rows": rows, "training_frames_scored": scored,
+                                     "settings": settings, "minutes": round((time.perf_counter() - started) / 60, 1),
+                                     "machine": machine_description()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
