@@ -44,7 +44,8 @@ from MRUSFusionLib.dataset import TRAINING_SEED_BASE, patient_samples, synthetic
 from MRUSFusionLib.evaluation import case_seeds  # noqa: E402
 from MRUSFusionLib.model_io import load_model  # noqa: E402
 from MRUSFusionLib.networks import GRID  # noqa: E402
-from MRUSFusionLib.warp import affine_displacement, apply_affine_to_positions, compose_matrices, grid_centre, rigid_matrix, warp  # noqa: E402
+from MRUSFusionLib.training import Batch, TrainConfig, make_batch, stage_lr  # noqa: E402
+from MRUSFusionLib.warp import apply_affine_to_positions, compose_matrices, grid_centre, rigid_matrix  # noqa: E402
 
 FROZEN = 3  # convolutions of RigidNet.features computed once and cached
 # training patients: the range `fusion train --synthetic N --seed 10` draws, which no shipped stage used
@@ -73,16 +74,13 @@ class Encoded:
         self.features, self.augmentation, self.landmarks = [], [], []
 
     @torch.no_grad()
-    def add(self, model, sample, augmentation: torch.Tensor) -> None:
+    def add(self, model, batch: Batch) -> None:
         """A frame without landmarks in view has nothing to score: left out."""
-        if sample.landmarks_ijk is None or not len(sample.landmarks_ijk):
+        if batch.landmarks is None:
             return
-        fixed, moving = sample.tensors("cpu")[:2]
-        if bool((augmentation != torch.eye(3, 4)).any()):
-            moving = warp(moving, affine_displacement(augmentation[None], [GRID] * 3))
-        self.features.append(model.rigid.features[:FROZEN](torch.cat([fixed, moving], 1))[0].half())
-        self.augmentation.append(augmentation)
-        self.landmarks.append(sample.landmarks_ijk)
+        self.features.append(model.rigid.features[:FROZEN](torch.cat([batch.fixed, batch.moving_in], 1))[0].half())
+        self.augmentation.append(batch.augmentation[0])
+        self.landmarks.append(batch.landmarks)
 
 
 def rigid_head(model) -> torch.nn.ModuleDict:
@@ -115,9 +113,10 @@ def tre(model, head, data: Encoded) -> dict:
 def fine_tune(model, data: Encoded, args, rng: np.random.Generator) -> torch.nn.ModuleDict:
     head = rigid_head(model)
     optimiser = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    for step in range(1, args.steps + 1):
-        for group in optimiser.param_groups:  # cosine to 5%, as training.stage_lr
-            group["lr"] = args.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
+    schedule = TrainConfig(rigid_epochs=1, steps_per_epoch=args.steps, lr_rigid=args.lr)  # training's cosine decay
+    for step in range(args.steps):
+        for group in optimiser.param_groups:
+            group["lr"] = stage_lr(schedule, "rigid", 0, step)
         pick = rng.choice(len(data.features), args.batch, replace=False)
         matrices = predict(model, head, torch.stack([data.features[i] for i in pick]).float(),
                            torch.stack([data.augmentation[i] for i in pick]))
@@ -125,8 +124,8 @@ def fine_tune(model, data: Encoded, args, rng: np.random.Generator) -> torch.nn.
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        if step % 250 == 0:
-            print(f"  step {step}/{args.steps}: training loss {loss.item():.2f} mm", flush=True)
+        if (step + 1) % 250 == 0:
+            print(f"  step {step + 1}/{args.steps}: training loss {loss.item():.2f} mm", flush=True)
     return head
 
 
@@ -150,28 +149,30 @@ def main() -> int:
     configure_threads()
     model = load_model(args.model, "cpu").eager().eval()
     rng = np.random.default_rng(0)
+    # the shipped stages' augmentation (`fusion train --augment-shift 8 --augment-rotation 6`), by training's make_batch
+    augment = TrainConfig(augment_shift=8.0, augment_rotation_deg=6.0)
     started = time.perf_counter()
 
     unseen = Encoded()
     for seed in case_seeds(args.cases, args.seed):
         for sample in patient_samples(seed, frames=2):
-            unseen.add(model, sample, torch.eye(3, 4))
+            unseen.add(model, make_batch(sample, augment, "cpu"))
     n_max = max(args.train_patients)
     print(f"making or reading {n_max} training patients x {args.frames} frames", flush=True)
     training, plain = Encoded(), Encoded()  # augmented copies for fine-tuning; the frames as they are for scoring
     counts = []  # (plain, training) items encoded after each patient
     for samples in patients([TRAINING_SEEDS + i for i in range(n_max)], args.frames, args.cache):
         for sample in samples:
-            plain.add(model, sample, torch.eye(3, 4))
-            training.add(model, sample, torch.eye(3, 4))
+            as_is = make_batch(sample, augment, "cpu")
+            plain.add(model, as_is)
+            training.add(model, as_is)
             for _ in range(args.augmentations):
-                params = [*rng.uniform(-8, 8, 3), *np.deg2rad(rng.uniform(-6, 6, 3))]
-                training.add(model, sample, rigid_matrix(torch.tensor([params], dtype=torch.float32), grid_centre(GRID))[0])
+                training.add(model, make_batch(sample, augment, "cpu", rng))
         counts.append((len(plain.features), len(training.features)))
     own = Encoded()  # frames the shipped network's last stage trained on
     for samples in patients([SHIPPED_STAGE_SEEDS + i for i in range(args.shipped_patients)], args.frames, args.cache):
         for sample in samples:
-            own.add(model, sample, torch.eye(3, 4))
+            own.add(model, make_batch(sample, augment, "cpu"))
 
     def first(data: Encoded, items: int) -> Encoded:
         part = Encoded()
