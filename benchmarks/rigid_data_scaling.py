@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
-from MRUSFusionLib.dataset import TRAINING_SEED_BASE, patient_samples, synthetic_samples  # noqa: E402
+from MRUSFusionLib.dataset import patient_samples, synthetic_samples, training_seeds  # noqa: E402
 from MRUSFusionLib.evaluation import case_seeds  # noqa: E402
 from MRUSFusionLib.model_io import load_model  # noqa: E402
 from MRUSFusionLib.networks import GRID  # noqa: E402
@@ -48,10 +48,8 @@ from MRUSFusionLib.training import Batch, TrainConfig, make_batch, stage_lr  # n
 from MRUSFusionLib.warp import apply_affine_to_positions, compose_matrices, grid_centre, rigid_matrix  # noqa: E402
 
 FROZEN = 3  # convolutions of RigidNet.features computed once and cached
-# training patients: the range `fusion train --synthetic N --seed 10` draws, which no shipped stage used
-TRAINING_SEEDS = TRAINING_SEED_BASE + 10 * 1000
-# the shipped network's own last stage trained on `fusion train --synthetic 256 --seed 7`: its first patients
-SHIPPED_STAGE_SEEDS = TRAINING_SEED_BASE + 7 * 1000
+TRAINING_RUN_SEED = 10  # training patients: those of `fusion train --seed 10`, which no shipped stage used
+SHIPPED_STAGE_RUN_SEED = 7  # the shipped network's last stage: `fusion train --synthetic 256 --seed 7`
 
 
 def patients(seeds: list[int], frames: int, cache: Path | None) -> list[list]:
@@ -161,7 +159,7 @@ def main() -> int:
     print(f"making or reading {n_max} training patients x {args.frames} frames", flush=True)
     training, plain = Encoded(), Encoded()  # augmented copies for fine-tuning; the frames as they are for scoring
     counts = []  # (plain, training) items encoded after each patient
-    for samples in patients([TRAINING_SEEDS + i for i in range(n_max)], args.frames, args.cache):
+    for samples in patients(training_seeds(TRAINING_RUN_SEED, n_max), args.frames, args.cache):
         for sample in samples:
             as_is = make_batch(sample, augment, "cpu")
             plain.add(model, as_is)
@@ -170,7 +168,7 @@ def main() -> int:
                 training.add(model, make_batch(sample, augment, "cpu", rng))
         counts.append((len(plain.features), len(training.features)))
     own = Encoded()  # frames the shipped network's last stage trained on
-    for samples in patients([SHIPPED_STAGE_SEEDS + i for i in range(args.shipped_patients)], args.frames, args.cache):
+    for samples in patients(training_seeds(SHIPPED_STAGE_RUN_SEED, args.shipped_patients), args.frames, args.cache):
         for sample in samples:
             own.add(model, make_batch(sample, augment, "cpu"))
 

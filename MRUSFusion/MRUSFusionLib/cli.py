@@ -155,7 +155,7 @@ def _train(args) -> int:
     if args.synthetic:
         if args.synthetic <= args.val_patients:
             raise InputError(f"--synthetic {args.synthetic} leaves no training patient after {args.val_patients} for validation")
-        seeds = [dataset.TRAINING_SEED_BASE + args.seed * 1000 + i for i in range(args.synthetic)]
+        seeds = dataset.training_seeds(args.seed, args.synthetic)
         print_progress(0.0, f"generating {len(seeds)} synthetic patients x {args.frames} frames")
         pools = dataset.synthetic_samples(seeds, args.frames, progress=print_progress)
         n_train = len(seeds) - args.val_patients

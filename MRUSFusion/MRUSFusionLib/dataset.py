@@ -23,6 +23,12 @@ from MRUSFusionLib.training import Sample
 TRAINING_SEED_BASE = 10_000_000
 
 
+def training_seeds(run_seed: int, patients: int) -> list[int]:
+    """The synthetic patients `fusion train --synthetic N --seed S` trains on: a block of 1000
+    per run seed, above TRAINING_SEED_BASE."""
+    return [TRAINING_SEED_BASE + run_seed * 1000 + i for i in range(patients)]
+
+
 def patient_samples(seed: int, frames: int) -> list[Sample]:
     """A synthetic patient's training pairs, with its landmarks (known truth) for validation."""
     patient = make_patient(seed, frames=frames)
