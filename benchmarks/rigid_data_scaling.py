@@ -7,8 +7,9 @@ trained on and on unseen ones (the evaluation's, `evaluate --seed S`) tells the 
   layer fine-tuned for many steps on the first N, with the first three convolutions frozen so
   that their output (32 x 32^3 per pair) can be computed once and cached: ~0.03 s per pair
   against ~1.2 s for the whole network's step on this CPU, so one run passes 12,000 pairs where
-  a stage of `fusion train` (16 epochs x 75 steps of one pair) passed 1,200. Each training frame enters as itself and moved
-  by a few random rigid augmentations (as `fusion train --augment-shift/--augment-rotation`),
+  a stage of `fusion train` (16 epochs x 75 steps of one pair) passed 1,200. Each training frame
+  enters as itself and moved by a few random rigid augmentations (as `fusion train
+  --augment-shift/--augment-rotation`),
   the loss is the landmark term alone (known truth; a diagnostic, not the spec's label-only
   training), and the weights after the last step are scored (none is chosen by the unseen score).
 
@@ -157,35 +158,36 @@ def main() -> int:
             unseen.add(model, make_batch(sample, augment, "cpu"))
     n_max = max(args.train_patients)
     print(f"making or reading {n_max} training patients x {args.frames} frames", flush=True)
-    training, plain = Encoded(), Encoded()  # augmented copies for fine-tuning; the frames as they are for scoring
-    counts = []  # (plain, training) items encoded after each patient
+    # each frame with landmarks in view as it is, then in its moved copies: the frames as they
+    # are (scored) are every `per_frame`-th item
+    training, per_frame = Encoded(), 1 + args.augmentations
+    counts = []  # items encoded after each patient
     for samples in patients(training_seeds(TRAINING_RUN_SEED, n_max), args.frames, args.cache):
         for sample in samples:
-            as_is = make_batch(sample, augment, "cpu")
-            plain.add(model, as_is)
-            training.add(model, as_is)
+            training.add(model, make_batch(sample, augment, "cpu"))
             for _ in range(args.augmentations):
                 training.add(model, make_batch(sample, augment, "cpu", rng))
-        counts.append((len(plain.features), len(training.features)))
+        counts.append(len(training.features))
     own = Encoded()  # frames the shipped network's last stage trained on
     for samples in patients(training_seeds(SHIPPED_STAGE_RUN_SEED, args.shipped_patients), args.frames, args.cache):
         for sample in samples:
             own.add(model, make_batch(sample, augment, "cpu"))
 
-    def first(data: Encoded, items: int) -> Encoded:
+    def first(data: Encoded, items: int, every: int = 1) -> Encoded:
         part = Encoded()
         for name in ("features", "augmentation", "landmarks"):
-            setattr(part, name, getattr(data, name)[:items])
+            setattr(part, name, getattr(data, name)[:items:every])
         return part
 
     shipped = rigid_head(model)
     rows = [{"training patients": 0, "what": "shipped rigid network", "training frames": tre(model, shipped, own),
              "unseen": tre(model, shipped, unseen)}]
     for n in sorted(args.train_patients):
-        print(f"fine-tuning on {n} patients ({counts[n - 1][1]} cached pairs)", flush=True)
-        head = fine_tune(model, first(training, counts[n - 1][1]), args, rng)
+        print(f"fine-tuning on {n} patients ({counts[n - 1]} cached pairs)", flush=True)
+        head = fine_tune(model, first(training, counts[n - 1]), args, rng)
         rows.append({"training patients": n, "what": "last layers fine-tuned",
-                     "training frames": tre(model, head, first(plain, counts[n - 1][0])), "unseen": tre(model, head, unseen)})
+                     "training frames": tre(model, head, first(training, counts[n - 1], per_frame)),
+                     "unseen": tre(model, head, unseen)})
     print(f"\n{'rigid network':32s}{'train median':>14s}{'unseen median':>15s}{'unseen p90':>12s}")
     for r in rows:
         name = r["what"] + (f", {r['training patients']} patients" if r["training patients"] else "")
