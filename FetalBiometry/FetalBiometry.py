@@ -11,11 +11,13 @@ import csv
 import logging
 import os
 from pathlib import Path
+from typing import Annotated
 
 import qt
 import slicer
+import vtk
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -46,8 +48,8 @@ class FetalBiometry(ScriptedLoadableModule):
 @parameterNodeWrapper
 class FetalBiometryParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
-    pixelSizeMm: float = 0.0
-    modelPath: str = ""
+    pixelSizeMm: Annotated[float, WithinRange(0.0, 2.0)] = 0.0  # 0: not known yet (the .ui's range)
+    modelPath: Path  # ctkPathLineEdit holds a Path; empty (Path()): the shipped model
 
 
 def ensure_dependencies() -> None:
@@ -103,11 +105,11 @@ class FetalBiometryWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, slicer.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, slicer.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
@@ -116,18 +118,23 @@ class FetalBiometryWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = _("Measure the head") if ready else _("Select an image and give its pixel size")
 
     def onInputChanged(self, node) -> None:
-        """A DICOM image brings its pixel size; a PNG loads with 1 mm, which is not one."""
+        """A DICOM image brings its pixel size; a PNG loads with 1 mm, which is not one (nor is
+        anything outside the spin box's 0-2 mm, which the parameter's WithinRange would refuse)."""
         if node is not None and self._parameterNode is not None:
             spacing = node.GetSpacing()[0]
-            self._parameterNode.pixelSizeMm = spacing if abs(spacing - 1.0) > 1e-9 else 0.0
+            self._parameterNode.pixelSizeMm = spacing if abs(spacing - 1.0) > 1e-9 and 0.0 < spacing <= 2.0 else 0.0
 
     def onApply(self) -> None:
+        from deepnav.mrml import chosen_path
+
         with slicer.util.tryWithErrorDisplay(_("Measurement failed."), waitCursor=True):
             row = self.logic.measureNode(self._parameterNode.inputVolume, self._parameterNode.pixelSizeMm,
-                                         self._parameterNode.modelPath or None)
+                                         chosen_path(self._parameterNode.modelPath))
             self._show([row])
 
     def onBatch(self) -> None:
+        from deepnav.mrml import chosen_path
+
         folder, csv_path = self.ui.batchFolderLineEdit.currentPath, self.ui.pixelSizeCsvLineEdit.currentPath
         with slicer.util.tryWithErrorDisplay(_("Batch measurement failed."), waitCursor=True):
             progress = slicer.util.createProgressDialog(labelText=_("Measuring..."), maximum=100)
@@ -138,7 +145,7 @@ class FetalBiometryWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return progress.wasCanceled  # True stops the batch
 
             try:
-                rows = self.logic.measureFolder(folder, csv_path or None, self._parameterNode.modelPath or None,
+                rows = self.logic.measureFolder(folder, csv_path or None, chosen_path(self._parameterNode.modelPath),
                                                 progress=report)
             finally:
                 progress.close()

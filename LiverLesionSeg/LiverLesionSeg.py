@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Annotated
 
 import qt
@@ -61,7 +62,7 @@ class LiverLesionSegParameterNode:
     reference: Annotated[str, Choice(["auto", *PHASES])] = "auto"
     liverSegmentation: slicer.vtkMRMLSegmentationNode
     registration: Annotated[str, Choice(["pso-powell", "sitk"])] = "pso-powell"
-    modelPath: str = ""
+    modelPath: Path  # ctkPathLineEdit holds a Path; empty (Path()): the shipped model
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
 
     def phaseNodes(self) -> dict:
@@ -159,8 +160,11 @@ class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return LiverLesionSegParameterNode(super().getParameterNode())
 
-    def loadModel(self, modelPath: str, device: str):
-        key = (modelPath or "", device)
+    def loadModel(self, modelPath, device: str):
+        """The model (the shipped one for an empty path), loaded once per path and device."""
+        from deepnav.mrml import chosen_path
+
+        key = (chosen_path(modelPath), device)
         if self._model is None or self._modelKey != key:
             from deepnav.slicer_dependencies import ensure_package, ensure_torch
 
@@ -168,7 +172,7 @@ class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
             ensure_package("monai", "monai==1.6.1", "Liver Lesion Segmentation")
             from LiverLesionSegLib.model_io import load_model
 
-            self._model, self._modelKey = load_model(modelPath or None, device), key
+            self._model, self._modelKey = load_model(key[0], device), key
         return self._model
 
     def _inputs(self, parameters):

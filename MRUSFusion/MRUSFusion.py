@@ -26,7 +26,7 @@ import qt
 import slicer
 import vtk
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -62,21 +62,22 @@ class MRUSFusion(ScriptedLoadableModule):
 class MRUSFusionParameterNode:
     mrVolume: slicer.vtkMRMLScalarVolumeNode
     liverSegmentation: slicer.vtkMRMLSegmentationNode
-    modelPath: str = ""
+    modelPath: Path  # ctkPathLineEdit holds a Path; empty (Path()): the shipped model
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     usVolume: slicer.vtkMRMLScalarVolumeNode
     connectorHost: str = ""
-    connectorPort: int = 18944
+    # int ranges as in the .ui: without them Slicer's connector resets the spin box to the int limits
+    connectorPort: Annotated[int, WithinRange(1, 65535)] = 18944
     useService: bool = False
     serviceHost: str = "127.0.0.1"
-    servicePort: int = 18945
+    servicePort: Annotated[int, WithinRange(1, 65535)] = 18945
     mrFiducials: slicer.vtkMRMLMarkupsFiducialNode
     usFiducials: slicer.vtkMRMLMarkupsFiducialNode
     vesselSegmentation: slicer.vtkMRMLSegmentationNode
-    trainingFolder: str = ""
-    rigidEpochs: int = 3
-    bsplineEpochs: int = 6
-    stepsPerEpoch: int = 30
+    trainingFolder: Path  # empty (Path()): not chosen yet
+    rigidEpochs: Annotated[int, WithinRange(0, 200)] = 3
+    bsplineEpochs: Annotated[int, WithinRange(0, 200)] = 6
+    stepsPerEpoch: Annotated[int, WithinRange(1, 1000)] = 30
     fineTune: bool = True
 
 
@@ -255,16 +256,18 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     def getParameterNode(self):
         return MRUSFusionParameterNode(super().getParameterNode())
 
-    def loadModel(self, modelPath: str, device: str):
+    def loadModel(self, modelPath, device: str):
         """The cascade (shipped model for an empty path), loaded once per path and device."""
-        key = (modelPath or "", device)
+        from deepnav.mrml import chosen_path
+
+        key = (chosen_path(modelPath), device)
         if self._model is None or self._modelKey != key:
             from deepnav.slicer_dependencies import ensure_torch
 
             ensure_torch("MR-US Fusion")
             from MRUSFusionLib.model_io import load_model
 
-            self._model, self._modelKey = load_model(modelPath or None, device), key
+            self._model, self._modelKey = load_model(key[0], device), key
         return self._model
 
     @staticmethod
@@ -440,7 +443,8 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             raise InputError("select the MR vessel segmentation")
         if len(usNodes) < 2:
             raise InputError("check at least 2 recorded US volumes (8 over a breathing cycle is typical)")
-        if not parameters.trainingFolder:
+        out = mrml.chosen_path(parameters.trainingFolder)
+        if out is None:
             raise InputError("choose an output folder for the model and its checkpoints")
         mr, liver = self.patientVolumes(parameters.mrVolume, parameters.liverSegmentation)
         vessels = mrml.labelmap_from_segmentation(parameters.vesselSegmentation, parameters.mrVolume)
@@ -458,7 +462,6 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                              steps_per_epoch=parameters.stepsPerEpoch)
         init = self.loadModel(parameters.modelPath, "cpu").eager().state_dict() if parameters.fineTune else None
         device = pick_device(parameters.device)
-        out = Path(parameters.trainingFolder)
         source = {"kind": "slicer", "mr": parameters.mrVolume.GetName(), "us": [n.GetName() for n in usNodes]}
 
         def work(progress, cancel):
@@ -479,7 +482,7 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     def finishTraining(self):
         """The finished training's (model path, history); the new model becomes the selected one."""
         path, info = self.training.result()
-        self._trainingParameters.modelPath = str(path)
+        self._trainingParameters.modelPath = Path(path)
         return path, info
 
 

@@ -10,6 +10,8 @@ Geometry: a volume node holds its IJK-to-RAS matrix; `Volume` holds LPS. RAS = d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 import slicer
@@ -18,6 +20,15 @@ from vtk.util import numpy_support
 
 from deepnav.errors import InputError
 from deepnav.imaging import LPS_TO_RAS, Volume
+
+
+def chosen_path(value) -> Path | None:
+    """A `pathlib.Path` parameter bound to a ctkPathLineEdit, or None where nothing is chosen.
+    Slicer's Path parameters default to `Path()` and an empty line edit reads back as `Path("")`,
+    both `Path(".")` (and truthy), so "." means "not chosen" (for a model path: the shipped model)."""
+    if value is None or str(value) in ("", "."):
+        return None
+    return Path(value)
 
 
 def _matrix(vtk_matrix: vtk.vtkMatrix4x4) -> np.ndarray:

@@ -186,7 +186,7 @@ def _block(shape: list[int], size: int, fov: torch.Tensor, rng: np.random.Genera
     if size >= shape[0]:
         return (slice(None),) * 5
     idx = torch.nonzero(fov[0, 0] > 0.5)
-    centre = idx[int(rng.integers(len(idx)))].numpy() if len(idx) else np.array(shape) // 2
+    centre = idx[int(rng.integers(len(idx)))].cpu().numpy() if len(idx) else np.array(shape) // 2  # fov may be on a GPU
     start = np.clip(centre - size // 2, 0, np.array(shape) - size)
     return (slice(None), slice(None)) + tuple(slice(int(s), int(s) + size) for s in start)
 
