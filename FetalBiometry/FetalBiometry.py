@@ -57,7 +57,7 @@ def ensure_dependencies() -> None:
     from deepnav.slicer_dependencies import ensure_package, ensure_torch
 
     ensure_torch("FetalBiometry")
-    ensure_package("skimage", "scikit-image>=0.25,<0.27", "FetalBiometry")
+    ensure_package("skimage", "scikit-image>=0.26,<0.27", "FetalBiometry")
 
 
 class FetalBiometryWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

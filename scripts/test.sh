@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Lint and the test suite, in .venv (created if missing).
+# Lint and the test suite, in .venv (created if missing; PYTHON and VENV as in bootstrap.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
-.venv/bin/ruff check .
-.venv/bin/python -m pytest "$@"
+VENV=${VENV:-.venv}
+VENV=$VENV bash scripts/bootstrap.sh
+"$VENV/bin/ruff" check .
+"$VENV/bin/python" -m pytest "$@"
