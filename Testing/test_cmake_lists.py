@@ -1,6 +1,8 @@
 """Every Python file of a Slicer module is listed in its CMakeLists.txt, and every listed file exists
-(Slicer's build stops on a missing listed file and silently drops an unlisted one)."""
+(Slicer's build stops on a missing listed file and silently drops an unlisted one); each module's
+self-test is registered with CTest."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -41,3 +43,20 @@ def test_shared_package_is_listed_for_the_extension():
     listed = {t for t in block.group(1).split() if t.endswith(".py")}
     present = {str(p.relative_to(ROOT)) for p in (ROOT / "deepnav").glob("*.py")}
     assert listed == present
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.name)
+def test_module_self_test_is_registered_with_ctest(module):
+    """As Slicer's scripted-module template (Utilities/Templates/Modules/Scripted/CMakeLists.txt):
+    `slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)` under BUILD_TESTING. The macro
+    (CMake/SlicerMacroPythonTesting.cmake) runs `slicer.testing.runUnitTest(..., "<module>")`, which
+    loads every unittest.TestCase of the module file: there must be one, `<module>Test`, with a test."""
+    text = (module / "CMakeLists.txt").read_text()
+    block = re.search(r"if\(BUILD_TESTING\)(.*?)endif\(\)", text, re.S)
+    assert block, "no if(BUILD_TESTING) block"
+    assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py\s*\)", block.group(1))
+    tree = ast.parse((module / f"{module.name}.py").read_text())
+    tests = [c for c in tree.body if isinstance(c, ast.ClassDef) and c.name == f"{module.name}Test"
+             and any(isinstance(b, ast.Name) and b.id == "ScriptedLoadableModuleTest" for b in c.bases)]
+    assert tests, f"{module.name}.py has no {module.name}Test(ScriptedLoadableModuleTest)"
+    assert any(isinstance(f, ast.FunctionDef) and f.name.startswith("test_") for f in tests[0].body)
