@@ -39,6 +39,7 @@ WARPED = "MRUSFusion warped US"
 RIGID = "MRUSFusion rigid"
 DEFORMATION = "MRUSFusion deformation"
 ALIGNMENT = "MRUSFusion initial alignment"
+CONNECTOR = "MRUSFusion scanner"
 
 
 class MRUSFusion(ScriptedLoadableModule):
@@ -99,6 +100,7 @@ class MRUSFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MRUSFusionLogic()
         self.logic.onUpdate = self._showLiveStatus
+        self.logic.onConnectorState = self._showConnectorState
         self.ui.liveButton.connect("toggled(bool)", self.onLiveToggled)
         self.ui.overlayButton.connect("clicked(bool)", self.onShowOverlay)
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
@@ -190,8 +192,15 @@ class MRUSFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onConnect(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Cannot start the OpenIGTLink connector."), waitCursor=True):
-            connector = self.logic.createConnector(self._parameterNode.connectorHost, self._parameterNode.connectorPort)
-            self.ui.connectButton.text = _("Connected ({name})").format(name=connector.GetName())
+            self.logic.startConnector(self._parameterNode.connectorHost, self._parameterNode.connectorPort)
+
+    def _showConnectorState(self, connected: bool, name: str) -> None:
+        """Called by the logic on the connector's own Connected / Disconnected events (Start() only
+        starts its thread: a client may still be trying, a server still waiting for its peer)."""
+        if connected:
+            self.ui.connectButton.text = _("Connected ({name})").format(name=name)
+        else:
+            self.ui.connectButton.text = _("Waiting for connection ({name}): click to restart").format(name=name)
 
     # -- alignment -------------------------------------------------------------------------
     def onAlign(self) -> None:
@@ -249,6 +258,7 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self.training = None  # deepnav.progress.BackgroundTask
         self._trainingParameters = None
         self.onUpdate = None  # called with live statistics on every timer tick
+        self.onConnectorState = None  # called with (connected, connector name) on the connector's events
         self._timer = qt.QTimer()
         self._timer.setInterval(50)
         self._timer.connect("timeout()", self.processResults)
@@ -404,19 +414,49 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             raise InputError("no frame has been fused yet: start live fusion first")
         slicer.util.setSliceViewerLayers(background=mrNode, foreground=warped, foregroundOpacity=0.5)
 
-    def createConnector(self, host: str, port: int):
-        """An OpenIGTLink connector (SlicerOpenIGTLink): client of `host`, or a server without one."""
+    # -- OpenIGTLink connector (SlicerOpenIGTLink's vtkMRMLIGTLConnectorNode) --------------------------
+    def startConnector(self, host: str, port: int):
+        """The module's one connector, created on first use and reused after (stopped, set to
+        client of `host` or, without one, server on `port`, and started again). Start() only
+        starts the connection thread: "connected" is reported from the node's ConnectedEvent
+        (and its GetState()), and the first IMAGE it receives becomes the live US if none is
+        selected (NewDeviceEvent, fired once the node for a new device is in the scene)."""
         if not hasattr(slicer, "vtkMRMLIGTLConnectorNode"):
             raise RuntimeError("Connecting needs the SlicerOpenIGTLink extension: install it from the Extensions Manager.")
-        connector = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLIGTLConnectorNode", "MRUSFusion scanner")
+        connector = slicer.mrmlScene.GetFirstNodeByName(CONNECTOR)
+        if connector is None or not connector.IsA("vtkMRMLIGTLConnectorNode"):
+            connector = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLIGTLConnectorNode", CONNECTOR)
+        connector.Stop()
         if host:
             connector.SetTypeClient(host, port)
         else:
             connector.SetTypeServer(port)
+        # one method per event: VTK names these custom event ids "NoEvent" to a Python observer
+        for event, method in ((connector.ConnectedEvent, self.reportConnectorState),
+                              (connector.DisconnectedEvent, self.reportConnectorState),
+                              (connector.NewDeviceEvent, self.adoptIncomingImage)):
+            if not self.hasObserver(connector, event, method):
+                self.addObserver(connector, event, method)
         if connector.Start() != 1:
-            slicer.mrmlScene.RemoveNode(connector)
             raise RuntimeError(f"cannot {'connect to ' + host + ':' if host else 'listen on port '}{port}")
+        self.reportConnectorState(connector)  # the state now (normally still waiting)
         return connector
+
+    def reportConnectorState(self, connector, event=None) -> None:
+        if self.onConnectorState is not None:
+            self.onConnectorState(connector.GetState() == connector.StateConnected, connector.GetName())
+
+    def adoptIncomingImage(self, connector, event=None) -> None:
+        """With no live US selected, the first scalar volume (an OpenIGTLink IMAGE of one
+        component) the connector has brought in becomes it."""
+        parameters = self.getParameterNode()
+        if parameters.usVolume is not None:
+            return
+        for i in range(connector.GetNumberOfIncomingMRMLNodes()):
+            node = connector.GetIncomingMRMLNode(i)
+            if node is not None and node.GetClassName() == "vtkMRMLScalarVolumeNode":
+                parameters.usVolume = node
+                return
 
     # -- per-patient training ----------------------------------------------------------------
     @staticmethod

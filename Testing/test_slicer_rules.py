@@ -465,6 +465,30 @@ def test_every_slicer_util_call_binds_to_slicers_signature(path):
     assert not problems, "\n".join(problems)
 
 
+# -- SlicerOpenIGTLink's connector node (an extension: not in slicer-core) ----------------------------------
+# Public members of vtkMRMLIGTLConnectorNode that MRUSFusion may call, read from the extension's
+# OpenIGTLinkIF/MRML/vtkMRMLIGTLConnectorNode.h (github.com/openigtlink/SlicerOpenIGTLink, d090ca4):
+# its events and states enums and the methods used; the rest comes from vtkMRMLNode (slicer-core).
+IGTL_CONNECTOR_MEMBERS = {
+    "ConnectedEvent", "DisconnectedEvent", "ActivatedEvent", "DeactivatedEvent", "NewDeviceEvent",
+    "DeviceModifiedEvent", "RemovedDeviceEvent", "StateOff", "StateWaitConnection", "StateConnected",
+    "SetTypeServer", "SetTypeClient", "Start", "Stop", "GetState", "GetNumberOfIncomingMRMLNodes",
+    "GetIncomingMRMLNode",
+}
+
+
+def test_the_openigtlink_connector_is_used_through_its_real_members():
+    """Every `connector.X` in MRUSFusion.py is a member of the extension's connector node or of
+    vtkMRMLNode (the module names the node `connector` wherever it holds one)."""
+    tree = module_tree(REPO / "MRUSFusion" / "MRUSFusion.py")
+    used = {(n.attr, n.lineno) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "connector"}
+    assert used, "MRUSFusion.py no longer drives an OpenIGTLink connector: update this test"
+    unknown = [f"MRUSFusion.py:{line}: connector.{name}" for name, line in sorted(used)
+               if name not in IGTL_CONNECTOR_MEMBERS and not hasattr(slicer_core.vtkMRMLNode, name)]
+    assert not unknown, "\n".join(unknown)
+
+
 # -- the checker itself catches what it is for ---------------------------------------------------------
 def test_the_rules_reject_what_slicer_rejects():
     """A str behind a ctkPathLineEdit, an int spin box without its range, a combo box without
