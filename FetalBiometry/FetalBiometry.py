@@ -26,6 +26,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from deepnav import slicer_dependencies
+
 COLUMNS = ["file", "hc_mm", "bpd_mm", "ofd_mm", "contour_length_mm", "pixel_count_hc_mm", "pixel_mm", "flags", "reason"]
 
 
@@ -53,11 +55,9 @@ class FetalBiometryParameterNode:
 
 
 def ensure_dependencies() -> None:
-    """PyTorch and scikit-image, on first use (see deepnav.slicer_dependencies)."""
-    from deepnav.slicer_dependencies import ensure_package, ensure_torch
-
-    ensure_torch("FetalBiometry")
-    ensure_package("skimage", "scikit-image>=0.26,<0.27", "FetalBiometry")
+    """torch (PyTorch extension) and scikit-image: installed on first use, after asking, before any
+    FetalBiometryLib import (Testing/test_slicer_dependencies.py holds the module to this)."""
+    slicer_dependencies.ensure_dependencies("FetalBiometry", "Fetal Biometry")
 
 
 class FetalBiometryWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -193,6 +193,7 @@ class FetalBiometryLogic(ScriptedLoadableModuleLogic):
     def measureNode(self, volumeNode, pixelMm: float, modelPath=None) -> dict:
         """Measure the head in a single-slice volume node; show the ellipse (closed curve), BPD and
         OFD (lines) and the head label map over it; add a row to the measurements table."""
+        ensure_dependencies()
         from FetalBiometryLib.image_io import check_pixel_size
         from FetalBiometryLib.pipeline import measure_image, measurement_row
 
@@ -217,6 +218,7 @@ class FetalBiometryLogic(ScriptedLoadableModuleLogic):
 
     def measureFolder(self, folder: str, csvPath=None, modelPath=None, progress=None) -> list[dict]:
         """Measure every image in a folder (pixel sizes from an HC18-style CSV, or DICOM)."""
+        ensure_dependencies()
         from FetalBiometryLib.hc18 import read_pixel_sizes
         from FetalBiometryLib.pipeline import measure_file
 
@@ -251,6 +253,7 @@ class FetalBiometryTest(ScriptedLoadableModuleTest):
     sonographer's ellipse, and the markups where the measurement says."""
 
     def setUp(self):
+        ensure_dependencies()
         slicer.mrmlScene.Clear()
 
     def runTest(self):

@@ -27,6 +27,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from deepnav import slicer_dependencies
+
 PHASES = ("plain", "arterial", "venous", "delayed")
 SEGMENTATION = "Liver lesions"
 TABLE = "Liver lesion statistics"
@@ -51,6 +53,12 @@ class LiverLesionSeg(ScriptedLoadableModule):
             "is measured (volume, longest axial diameter, mean HU per phase). One phase works, with a warning.")
         self.parent.acknowledgementText = _(
             "The shipped model was trained on simulated lesions inserted into a public abdominal CT; see its model card.")
+
+
+def ensure_dependencies() -> None:
+    """torch (PyTorch extension) and MONAI: installed on first use, after asking, before any
+    LiverLesionSegLib import (Testing/test_slicer_dependencies.py holds the module to this)."""
+    slicer_dependencies.ensure_dependencies("LiverLesionSeg", "Liver Lesion Segmentation")
 
 
 @parameterNodeWrapper
@@ -166,10 +174,7 @@ class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
 
         key = (chosen_path(modelPath), device)
         if self._model is None or self._modelKey != key:
-            from deepnav.slicer_dependencies import ensure_package, ensure_torch
-
-            ensure_torch("Liver Lesion Segmentation")
-            ensure_package("monai", "monai==1.6.1", "Liver Lesion Segmentation")
+            ensure_dependencies()
             from LiverLesionSegLib.model_io import load_model
 
             self._model, self._modelKey = load_model(key[0], device), key
@@ -177,6 +182,7 @@ class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
 
     def _inputs(self, parameters):
         """Phases, reference and liver mask copied out of their nodes (GUI thread)."""
+        ensure_dependencies()
         from LiverLesionSegLib.preprocess import reference_phase
 
         from deepnav import mrml
@@ -198,6 +204,7 @@ class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, parameters, progress=None, cancel=None):
         """Synchronously (tests, scripts): the study's StudyResult, shown in the scene."""
+        ensure_dependencies()
         from LiverLesionSegLib.pipeline import segment_study
 
         phases, reference, liver = self._inputs(parameters)
@@ -208,6 +215,7 @@ class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
         return result
 
     def start(self, parameters) -> None:
+        ensure_dependencies()
         from LiverLesionSegLib.pipeline import segment_study
 
         from deepnav.progress import BackgroundTask
@@ -254,6 +262,7 @@ class LiverLesionSegTest(ScriptedLoadableModuleTest):
     shipped model, and the outputs in the scene."""
 
     def setUp(self):
+        ensure_dependencies()
         slicer.mrmlScene.Clear()
 
     def runTest(self):

@@ -35,6 +35,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from deepnav import slicer_dependencies
+
 WARPED = "MRUSFusion warped US"
 RIGID = "MRUSFusion rigid"
 DEFORMATION = "MRUSFusion deformation"
@@ -57,6 +59,12 @@ class MRUSFusion(ScriptedLoadableModule):
             "frames go to `deepnav fusion serve`, which must have been started with the same MR.")
         self.parent.acknowledgementText = _(
             "The shipped model was trained on synthetic patients only; see its model card.")
+
+
+def ensure_dependencies() -> None:
+    """torch (PyTorch extension), pyigtl and fastcrc: installed on first use, after asking, before
+    any MRUSFusionLib import (Testing/test_slicer_dependencies.py holds the module to this)."""
+    slicer_dependencies.ensure_dependencies("MRUSFusion", "MR-US Fusion")
 
 
 @parameterNodeWrapper
@@ -272,9 +280,7 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
         key = (chosen_path(modelPath), device)
         if self._model is None or self._modelKey != key:
-            from deepnav.slicer_dependencies import ensure_torch
-
-            ensure_torch("MR-US Fusion")
+            ensure_dependencies()
             from MRUSFusionLib.model_io import load_model
 
             self._model, self._modelKey = load_model(key[0], device), key
@@ -328,6 +334,7 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     # -- live fusion -------------------------------------------------------------------------
     def startLive(self, parameters) -> None:
         """Register every new image of the live US node, in a worker thread or on a service."""
+        ensure_dependencies()
         from deepnav.errors import InputError
         from MRUSFusionLib.live import LocalRegistration, RemoteRegistration
         from MRUSFusionLib.preprocess import fusion_grid
@@ -469,6 +476,7 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
     def startTraining(self, parameters, usNodes: list):
         """Copy the patient's volumes out of their nodes (GUI thread), then train on a thread."""
+        ensure_dependencies()
         from deepnav import mrml
         from deepnav.errors import InputError
         from deepnav.progress import BackgroundTask
@@ -532,6 +540,7 @@ class MRUSFusionTest(ScriptedLoadableModuleTest):
     output transforms, lies on the MR landmarks within the registration's accuracy."""
 
     def setUp(self):
+        ensure_dependencies()
         slicer.mrmlScene.Clear()
 
     def runTest(self):
