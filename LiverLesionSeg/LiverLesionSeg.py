@@ -2,7 +2,8 @@
 
 Thin glue over `LiverLesionSegLib.pipeline.segment_study` (registration of the phases, the
 network, lesion statistics) and `deepnav.mrml`. The volumes are copied out of their nodes on the
-GUI thread; the work runs on a background thread with a progress bar and Cancel; the result
+GUI thread; the work runs as `deepnav liver segment` in its own process (deepnav.child_process),
+with a progress bar and Cancel, and a crash of it leaves Slicer running; the result
 becomes a segmentation (one segment per lesion, standard terminology: liver; mass, and the
 liver), a statistics table and the lesion centres as points.
 """
@@ -152,7 +153,11 @@ class LiverLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         self._updateButtons()
         with slicer.util.tryWithErrorDisplay(_("Segmentation stopped.")):
-            result = self.logic.finish()
+            try:
+                result = self.logic.finish()
+            except Exception as exc:  # cancelled, bad input, or the worker process crashed / was killed
+                self.ui.resultLabel.text = _("Segmentation stopped: {error}").format(error=exc)
+                raise
             self.ui.tableView.setMRMLTableNode(slicer.mrmlScene.GetFirstNodeByName(TABLE))
             self.ui.resultLabel.text = "\n".join([result.message(), *result.warnings])
 
@@ -162,7 +167,8 @@ class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._model = None
         self._modelKey = None
-        self.task = None  # deepnav.progress.BackgroundTask
+        self.task = None  # deepnav.child_process.ChildTask
+        self._workDir = None  # the running child's input and output files
         self._referenceNode = None
 
     def getParameterNode(self):
@@ -215,22 +221,42 @@ class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
         return result
 
     def start(self, parameters) -> None:
-        ensure_dependencies()
-        from LiverLesionSegLib.pipeline import segment_study
+        """`deepnav liver segment` in its own process (Slicer's Python): the phases and liver mask
+        go to it as files, its progress lines drive `task`, Cancel ends it, and a crash or kill
+        comes back as an error from `finish` while Slicer goes on."""
+        ensure_dependencies()  # the child process uses the same Python packages
+        import tempfile
 
-        from deepnav.progress import BackgroundTask
+        from deepnav.child_process import ChildTask, child_environment, deepnav_command
+        from deepnav.imaging import write_volume
+        from deepnav.mrml import chosen_path
 
         if self.task is not None and not self.task.done:
             raise RuntimeError("a segmentation is already running")
         phases, reference, liver = self._inputs(parameters)
-        model = self.loadModel(parameters.modelPath, parameters.device)
-        registration = parameters.registration
-        self.task = BackgroundTask(lambda progress, cancel: segment_study(
-            model, phases, reference=reference, registration=registration, liver=liver, progress=progress,
-            cancel=cancel), "liverlesionseg")
+        self._workDir = Path(tempfile.mkdtemp(prefix="deepnav-liver-"))
+        args = ["liver", "segment", "--reference", reference, "--registration", parameters.registration,
+                "--device", parameters.device, "--out", str(self._workDir / "out")]
+        for name, volume in phases.items():
+            args += ["--phase", f"{name}={write_volume(volume, self._workDir / f'{name}.nrrd')}"]
+        if liver is not None:
+            args += ["--liver", str(write_volume(liver, self._workDir / "liver.nrrd"))]
+        if chosen_path(parameters.modelPath) is not None:
+            args += ["--model", str(chosen_path(parameters.modelPath))]
+        self.task = ChildTask(deepnav_command(*args), env=child_environment("LiverLesionSegLib"))
 
     def finish(self):
-        result = self.task.result()
+        """The finished child's result, shown in the scene (raises what went wrong instead)."""
+        ensure_dependencies()
+        import shutil
+
+        from LiverLesionSegLib.pipeline import StudyResult
+
+        try:
+            self.task.result()
+            result = StudyResult.read(self._workDir / "out")
+        finally:
+            shutil.rmtree(self._workDir, ignore_errors=True)
         self.show(result)
         return result
 

@@ -214,3 +214,30 @@ def test_a_trained_network_file_round_trips(tmp_path):
         from MRUSFusionLib.model_io import SHIPPED_MODEL
 
         load_model(SHIPPED_MODEL, "cpu")
+
+
+def test_segmentation_as_a_child_process_comes_back_as_the_same_result(cyst_case, tmp_path):
+    """What the Slicer module does: the phases as files, `deepnav liver segment` in its own
+    process (progress lines seen), the result read back from its --out folder."""
+    import sys
+
+    from LiverLesionSegLib.pipeline import StudyResult
+
+    from deepnav.child_process import ChildTask, child_environment, deepnav_command
+    from deepnav.imaging import write_volume
+
+    model = threshold_model(tmp_path)
+    args = ["liver", "segment", "--model", str(model.path), "--device", "cpu", "--out", str(tmp_path / "out"),
+            "--liver", str(write_volume(cyst_case.liver, tmp_path / "liver.nrrd"))]
+    for name, volume in cyst_case.phases.items():
+        args += ["--phase", f"{name}={write_volume(volume, tmp_path / f'{name}.nrrd')}"]
+    task = ChildTask(deepnav_command(*args, python=sys.executable), env=child_environment("LiverLesionSegLib"))
+    task.result(timeout=600)
+    assert task.fraction == 1.0 and "lesion" in task.message
+    result = StudyResult.read(tmp_path / "out")
+    direct = segment_study(model, cyst_case.phases, liver=cyst_case.liver)
+    assert result.reference == direct.reference == "arterial"
+    assert result.lesions.same_grid(cyst_case.phases["arterial"])
+    np.testing.assert_array_equal(result.lesions.array, direct.lesions.array)
+    assert [r["volume_ml"] for r in result.statistics] == pytest.approx([r["volume_ml"] for r in direct.statistics])
+    assert result.message() == direct.message()

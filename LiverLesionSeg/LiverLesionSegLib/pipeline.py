@@ -53,6 +53,20 @@ class StudyResult:
             "liver_slab": None if self.slab is None else dict(zip(("first", "stop", "of"), self.slab, strict=True))})
         return {**paths, "statistics": files["json"], "table": files["csv"]}
 
+    @classmethod
+    def read(cls, out_dir: Path) -> StudyResult:
+        """A result as `write` left it (how a caller gets it back from `deepnav liver segment
+        --out` run as a child process)."""
+        import json
+
+        out_dir = Path(out_dir)
+        record = json.loads((out_dir / "lesions.json").read_text())
+        slab = record.get("liver_slab")
+        return cls(record["reference_phase"], read_volume(out_dir / "lesions.nii.gz", what="lesion labels"),
+                   read_volume(out_dir / "liver.nii.gz", what="liver mask"), record["lesions"], record["registration"],
+                   record["timings_s"], record["warnings"],
+                   None if slab is None else (slab["first"], slab["stop"], slab["of"]))
+
     def message(self) -> str:
         if not self.statistics:
             return "no lesion found"
