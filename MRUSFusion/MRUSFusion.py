@@ -4,7 +4,8 @@ Thin glue over `MRUSFusionLib` (registration, live back ends, fiducial alignment
 `deepnav.mrml` (nodes <-> arrays). The GUI thread only copies each new US frame out of its node
 and hands it over; registration runs on a worker thread in Slicer, or in `deepnav fusion serve`
 (service mode, e.g. on a GPU machine); a 50 ms timer puts the newest result into nodes, so the
-GUI never waits for a frame. Outputs, updated in place every frame:
+GUI never waits for a frame. Per-patient training runs as `deepnav fusion train` in its own
+process (deepnav.child_process). Outputs, updated in place every frame:
 
 - "MRUSFusion warped US": the US warped onto the MR (the 128 mm region around the liver), uint8;
 - "MRUSFusion rigid": linear transform, the rigid stage (to parent: US onto MR);
@@ -245,7 +246,11 @@ class MRUSFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._trainingTimer.stop()
         self.ui.trainButton.enabled, self.ui.cancelTrainingButton.enabled = True, False
         with slicer.util.tryWithErrorDisplay(_("Training stopped.")):
-            path, info = self.logic.finishTraining()
+            try:
+                path, info = self.logic.finishTraining()
+            except Exception as exc:  # cancelled, bad input, or the worker process crashed / was killed
+                self.ui.trainingLabel.text = _("Training stopped: {error}").format(error=exc)
+                raise
             best = info["best"]
             self.ui.trainingLabel.text = _(
                 "Saved {path}: best validation at epoch {epoch}, vessel Dice {dice:.3f}. "
@@ -263,8 +268,8 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self.alignment = None  # MRUSFusionLib.alignment.Alignment from the fiducials
         self.expectedGrid = None  # the fusion grid of the selected MR, to check a service's results
         self.lastResult = None
-        self.training = None  # deepnav.progress.BackgroundTask
-        self._trainingParameters = None
+        self.training = None  # deepnav.child_process.ChildTask
+        self._trainingParameters = self._trainingWorkDir = self._trainingOut = None
         self.onUpdate = None  # called with live statistics on every timer tick
         self.onConnectorState = None  # called with (connected, connector name) on the connector's events
         self._timer = qt.QTimer()
@@ -475,15 +480,18 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         return None
 
     def startTraining(self, parameters, usNodes: list):
-        """Copy the patient's volumes out of their nodes (GUI thread), then train on a thread."""
-        ensure_dependencies()
+        """Copy the patient's volumes out of their nodes (GUI thread) into files, then train in
+        `deepnav fusion train` as its own process (Slicer's Python): its progress lines drive
+        `training`, Cancel ends it, a crash or kill comes back from `finishTraining`."""
+        ensure_dependencies()  # the child process uses the same Python packages
+        import tempfile
+
         from deepnav import mrml
+        from deepnav.child_process import ChildTask, child_environment, deepnav_command
         from deepnav.errors import InputError
-        from deepnav.progress import BackgroundTask
-        from deepnav.torch_runtime import pick_device
+        from deepnav.imaging import write_volume
         from MRUSFusionLib.alignment import prealign
-        from MRUSFusionLib.dataset import volume_samples
-        from MRUSFusionLib.training import TrainConfig, split_frames, train_and_save
+        from MRUSFusionLib.model_io import SHIPPED_MODEL
 
         if self.training is not None and not self.training.done:
             raise InputError("a training is already running")
@@ -496,8 +504,9 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             raise InputError("choose an output folder for the model and its checkpoints")
         mr, liver = self.patientVolumes(parameters.mrVolume, parameters.liverSegmentation)
         vessels = mrml.labelmap_from_segmentation(parameters.vesselSegmentation, parameters.mrVolume)
-        frames = []
-        for usNode in usNodes:
+        work = Path(tempfile.mkdtemp(prefix="deepnav-fusion-training-"))
+        images, labels = [], []
+        for k, usNode in enumerate(usNodes):
             segmentation = self.vesselSegmentationOf(usNode)
             if segmentation is None:
                 raise InputError(f"{usNode.GetName()} has no vessel segmentation: draw one in Segment Editor "
@@ -505,22 +514,19 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             image, label = mrml.volume_from_node(usNode), mrml.labelmap_from_segmentation(segmentation, usNode)
             if self.alignment is not None:
                 image, label = prealign(image, self.alignment.matrix_lps), prealign(label, self.alignment.matrix_lps)
-            frames.append((image, label))
-        config = TrainConfig(rigid_epochs=parameters.rigidEpochs, bspline_epochs=parameters.bsplineEpochs,
-                             steps_per_epoch=parameters.stepsPerEpoch)
-        init = self.loadModel(parameters.modelPath, "cpu").eager().state_dict() if parameters.fineTune else None
-        device = pick_device(parameters.device)
-        source = {"kind": "slicer", "mr": parameters.mrVolume.GetName(), "us": [n.GetName() for n in usNodes]}
-
-        def work(progress, cancel):
-            progress(0.0, "preparing the training pairs")
-            samples = volume_samples(mr, vessels, frames, liver)
-            train, validation, validation_idx = split_frames(samples, max(1, len(samples) // 4))
-            return train_and_save(train, validation, out, config, source={**source, "validation_frames": validation_idx},
-                                  device=device, init_state=init, progress=progress, cancel=cancel)
-
-        self._trainingParameters = parameters
-        self.training = BackgroundTask(work, "mrusfusion-training")
+            images.append(str(write_volume(image, work / f"us_{k:02d}.nrrd")))
+            labels.append(str(write_volume(label, work / f"us_vessels_{k:02d}.nrrd")))
+        args = ["fusion", "train", "--mr", str(write_volume(mr, work / "mr.nrrd")),
+                "--mr-vessels", str(write_volume(vessels, work / "mr_vessels.nrrd")),
+                "--us", *images, "--us-vessels", *labels, "--val-frames", str(max(1, len(usNodes) // 4)),
+                "--rigid-epochs", str(parameters.rigidEpochs), "--bspline-epochs", str(parameters.bsplineEpochs),
+                "--steps-per-epoch", str(parameters.stepsPerEpoch), "--device", parameters.device, "--out", str(out)]
+        if liver is not None:
+            args += ["--liver", str(write_volume(liver, work / "liver.nrrd"))]
+        if parameters.fineTune:
+            args += ["--init", str(mrml.chosen_path(parameters.modelPath) or SHIPPED_MODEL)]
+        self._trainingParameters, self._trainingWorkDir, self._trainingOut = parameters, work, out
+        self.training = ChildTask(deepnav_command(*args), env=child_environment("MRUSFusionLib"))
         return self.training
 
     def cancelTraining(self) -> None:
@@ -528,9 +534,18 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             self.training.cancel()
 
     def finishTraining(self):
-        """The finished training's (model path, history); the new model becomes the selected one."""
-        path, info = self.training.result()
-        self._trainingParameters.modelPath = Path(path)
+        """The finished training's (model path, history); the new model becomes the selected one.
+        Raises what stopped it (Cancelled, bad input, the worker process crashed or was killed)."""
+        import json
+        import shutil
+
+        try:
+            self.training.result()
+        finally:
+            shutil.rmtree(self._trainingWorkDir, ignore_errors=True)
+        path = self._trainingOut / "model.pt"
+        info = json.loads((self._trainingOut / "history.json").read_text())
+        self._trainingParameters.modelPath = path
         return path, info
 
 

@@ -119,3 +119,39 @@ def test_bad_input_comes_back_as_the_commands_message(tmp_path):
     task = ChildTask(argv, env=child_environment("LiverLesionSegLib"))
     with pytest.raises(InputError, match="arterial phase"):
         task.result(timeout=120)
+
+
+def test_fusion_training_from_slicer_files_in_a_child_and_its_cancel(tmp_path):
+    """What MRUSFusion's 'Train' does: the patient's volumes as files, `deepnav fusion train`
+    fine-tuning the shipped model in its own process; then the same run cancelled mid-way."""
+    import json
+
+    from deepnav.cli import main
+    from MRUSFusionLib.model_io import SHIPPED_MODEL, load_model
+
+    patient = tmp_path / "patient"
+    assert main(["fusion", "phantom", "--seed", "6", "--frames", "2", "--out", str(patient)]) == 0
+    args = ["fusion", "train", "--mr", str(patient / "mr.nrrd"), "--mr-vessels", str(patient / "mr_vessels.nrrd"),
+            "--us", str(patient / "us_00.nrrd"), str(patient / "us_01.nrrd"),
+            "--us-vessels", str(patient / "us_00_vessels.nrrd"), str(patient / "us_01_vessels.nrrd"),
+            "--val-frames", "1", "--rigid-epochs", "1", "--bspline-epochs", "0", "--steps-per-epoch", "1",
+            "--device", "cpu", "--init", str(SHIPPED_MODEL)]
+    env = child_environment("MRUSFusionLib")
+    task = ChildTask(deepnav_command(*args, "--out", str(tmp_path / "model"), python=sys.executable), env=env)
+    task.result(timeout=600)
+    assert task.fraction > 0 and task.message
+    best = json.loads((tmp_path / "model" / "history.json").read_text())["best"]
+    assert best["epoch"] == 0 and 0 <= best["vessel_dice"] <= 1
+    assert load_model(tmp_path / "model" / "model.pt", "cpu").metadata["training"]["kind"] == "files"
+
+    task = ChildTask(deepnav_command(*args, "--steps-per-epoch", "100000", "--out", str(tmp_path / "cancelled"),
+                                     python=sys.executable), env=env)
+    wait_for(lambda: "step" in task.message or task.done, timeout_s=300)
+    assert not task.done, list(task.lines)
+    t0 = time.monotonic()
+    task.cancel()
+    wait_for(lambda: task.done, timeout_s=2.0)
+    assert time.monotonic() - t0 < 2.0
+    with pytest.raises(Cancelled):
+        task.result(timeout=1)
+    assert not (tmp_path / "cancelled" / "model.pt").exists()
