@@ -2,10 +2,12 @@
 
 Thin glue over `MRUSFusionLib` (registration, live back ends, fiducial alignment, training) and
 `deepnav.mrml` (nodes <-> arrays). The GUI thread only copies each new US frame out of its node
-and hands it over; registration runs on a worker thread in Slicer, or in `deepnav fusion serve`
-(service mode, e.g. on a GPU machine); a 50 ms timer puts the newest result into nodes, so the
-GUI never waits for a frame. Per-patient training runs as `deepnav fusion train` in its own
-process (deepnav.child_process). Outputs, updated in place every frame:
+and hands it over to `deepnav fusion serve`: a child process started on a free loopback port
+with Slicer's own Python (MRUSFusionLib.service_process), or a service elsewhere (service mode,
+e.g. on a GPU machine), through the same client; torch never runs inside Slicer for live fusion.
+A 50 ms timer puts the newest result into nodes, so the GUI never waits for a frame.
+Per-patient training runs as `deepnav fusion train` in its own process (deepnav.child_process).
+Outputs, updated in place every frame:
 
 - "MRUSFusion warped US": the US warped onto the MR (the 128 mm region around the liver), uint8;
 - "MRUSFusion rigid": linear transform, the rigid stage (to parent: US onto MR);
@@ -263,7 +265,8 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self._model = None
         self._modelKey = None
-        self.live = None  # MRUSFusionLib.live.LiveRegistration while running
+        self.live = None  # MRUSFusionLib.live.RemoteRegistration (or the local service's) while running
+        self._liveWorkDir = None  # the MR handed to the local service process
         self.usNode = None
         self.alignment = None  # MRUSFusionLib.alignment.Alignment from the fiducials
         self.expectedGrid = None  # the fusion grid of the selected MR, to check a service's results
@@ -338,11 +341,18 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
     # -- live fusion -------------------------------------------------------------------------
     def startLive(self, parameters) -> None:
-        """Register every new image of the live US node, in a worker thread or on a service."""
+        """Register every new image of the live US node on a fusion service: one started here as
+        a child process (`deepnav fusion serve` on a free loopback port, Slicer's Python), or one
+        running elsewhere (service mode). Both are driven through the same client."""
         ensure_dependencies()
+        import tempfile
+
+        from deepnav import mrml
         from deepnav.errors import InputError
-        from MRUSFusionLib.live import LocalRegistration, RemoteRegistration
+        from deepnav.imaging import write_volume
+        from MRUSFusionLib.live import RemoteRegistration
         from MRUSFusionLib.preprocess import fusion_grid
+        from MRUSFusionLib.service_process import LocalServiceRegistration
 
         self.stopLive()
         if parameters.usVolume is None:
@@ -352,7 +362,12 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if parameters.useService:
             self.live = RemoteRegistration(parameters.serviceHost, parameters.servicePort)
         else:
-            self.live = LocalRegistration(self.loadModel(parameters.modelPath, parameters.device), mr, liver)
+            self._liveWorkDir = Path(tempfile.mkdtemp(prefix="deepnav-fusion-live-"))
+            self.live = LocalServiceRegistration(
+                write_volume(mr, self._liveWorkDir / "mr.nrrd"),
+                write_volume(liver, self._liveWorkDir / "liver.nrrd") if liver is not None else None,
+                model=mrml.chosen_path(parameters.modelPath), device=parameters.device,
+                wait=lambda seconds: (slicer.app.processEvents(), time.sleep(seconds)))
         self.usNode = parameters.usVolume
         self.addObserver(self.usNode, slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent, self.onFrame)
         self._timer.start()
@@ -365,7 +380,11 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             self.removeObserver(self.usNode, slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent, self.onFrame)
         if self.live is not None:
             self.live.close()
-        self.live, self.usNode = None, None
+        if self._liveWorkDir is not None:
+            import shutil
+
+            shutil.rmtree(self._liveWorkDir, ignore_errors=True)
+        self.live, self.usNode, self._liveWorkDir = None, None, None
 
     def onFrame(self, caller=None, event=None) -> None:
         """A new US image: copy it out of the node (VTK reuses the buffer) and hand it over."""
@@ -551,8 +570,8 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
 class MRUSFusionTest(ScriptedLoadableModuleTest):
     """Inside Slicer, on the built-in synthetic patient: a US volume 13 mm and 8 degrees off is
-    aligned from four fiducial pairs, fused live in a worker thread, and the US node, under the
-    output transforms, lies on the MR landmarks within the registration's accuracy."""
+    aligned from four fiducial pairs, fused live by the local fusion service process, and the US
+    node, under the output transforms, lies on the MR landmarks within the registration's accuracy."""
 
     def setUp(self):
         ensure_dependencies()
@@ -606,7 +625,7 @@ class MRUSFusionTest(ScriptedLoadableModuleTest):
         alignment = logic.computeAlignment(mrPoints, usPoints, usNode)
         self.assertLess(alignment.fre_mm, 3.0)
 
-        self.delayDisplay("Live fusion in a worker thread")
+        self.delayDisplay("Live fusion in a fusion service process")
         logic.startLive(parameters)
         try:
             self._waitFor(lambda: logic.lastResult is not None)
