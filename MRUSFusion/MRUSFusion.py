@@ -263,8 +263,6 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         VTKObservationMixin.__init__(self)
-        self._model = None
-        self._modelKey = None
         self.live = None  # MRUSFusionLib.live.RemoteRegistration (or the local service's) while running
         self._liveWorkDir = None  # the MR handed to the local service process
         self.usNode = None
@@ -281,18 +279,6 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
 
     def getParameterNode(self):
         return MRUSFusionParameterNode(super().getParameterNode())
-
-    def loadModel(self, modelPath, device: str):
-        """The cascade (shipped model for an empty path), loaded once per path and device."""
-        from deepnav.mrml import chosen_path
-
-        key = (chosen_path(modelPath), device)
-        if self._model is None or self._modelKey != key:
-            ensure_dependencies()
-            from MRUSFusionLib.model_io import load_model
-
-            self._model, self._modelKey = load_model(key[0], device), key
-        return self._model
 
     @staticmethod
     def patientVolumes(mrNode, liverSegmentation):
