@@ -155,3 +155,33 @@ def test_fusion_training_from_slicer_files_in_a_child_and_its_cancel(tmp_path):
     with pytest.raises(Cancelled):
         task.result(timeout=1)
     assert not (tmp_path / "cancelled" / "model.pt").exists()
+
+
+def test_a_deepnav_child_ends_when_its_parent_dies(tmp_path):
+    """Slicer crashing (here: a parent that exits at once, without cleanup) must not leave a
+    fusion service or a training running: the child sees its stdin close and ends."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    parent = ChildTask(python(f"""
+        import os, sys
+        from deepnav.child_process import ChildTask, child_environment, deepnav_command
+        task = ChildTask(deepnav_command("fusion", "serve", "--echo", "--port", "{port}", python=sys.executable),
+                         env=child_environment("MRUSFusionLib"))
+        print(task.pid, flush=True)
+        import socket, time
+        for _ in range(600):  # until the service listens
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        print("listening", flush=True)
+        os._exit(0)  # no cleanup, as a crash
+    """), env=child_environment())
+    parent.result(timeout=120)
+    service = int(parent.lines[0])
+    assert parent.lines[1] == "listening"
+    wait_for(lambda: not alive(service), timeout_s=5.0)

@@ -40,8 +40,9 @@ def python_executable() -> str:
 
 
 def deepnav_command(*args: str, python: str | None = None) -> list[str]:
-    """The command line of `deepnav ARGS` run by `python`."""
-    return [python or python_executable(), "-m", "deepnav.cli", *args]
+    """The command line of `deepnav ARGS` run by `python` as a child that ends itself when its
+    parent is gone (see `_main`)."""
+    return [python or python_executable(), "-m", "deepnav.child_process", *args]
 
 
 def child_environment(*modules: str) -> dict[str, str]:
@@ -73,7 +74,9 @@ class ChildTask:
             group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         else:
             group = {"start_new_session": True}
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        # stdin: a pipe this process never writes to; it closes when this process ends, however it
+        # ends, which tells a `deepnav_command` child that nobody is left to stop it
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
                                       bufsize=1, env=env, **group)
         self.pid = self._proc.pid
@@ -141,3 +144,22 @@ class ChildTask:
 
 def _tail(lines: list[str], n: int = 3) -> str:
     return " | ".join(lines[-n:]) if lines else "(none)"
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m deepnav.child_process ARGS`: `deepnav ARGS`, ended (exit status 1) as soon as its
+    standard input closes, i.e. when the parent (Slicer) is gone, even after a crash, so that no
+    service or training outlives it."""
+    def watch_parent() -> None:
+        while os.read(0, 65536):  # the file descriptor, not sys.stdin: no buffer lock at shutdown
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="deepnav-parent-watch", daemon=True).start()
+    from deepnav.cli import main
+
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
