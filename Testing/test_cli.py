@@ -30,7 +30,11 @@ def test_register_writes_transforms_that_simpleitk_loads(patient_dir, tmp_path):
                  "--liver", str(patient_dir / "mr_liver.nrrd"), "--device", "cpu", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "registration.json").read_text())
-    assert report["folding_percent"] < 1.0 and report["timings_s"]["network"] > 0
+    assert report["stage"] == "corrected"  # network + correction by default
+    assert report["network"]["folding_percent"] < 1.0 and report["timings_s"]["network"] > 0
+    correction = report["correction"]
+    assert correction["start"] in ("network", "coarse") and correction["mind_ssc_after"] <= correction["mind_ssc_before"]
+    assert len(report["registration_region"]["size"]) == 3
     composite = sitk.ReadTransform(str(out / "transform.h5"))
     field = sitk.ReadImage(str(out / "field.nrrd"))
     assert field.GetNumberOfComponentsPerPixel() == 3
@@ -45,8 +49,10 @@ def test_register_with_an_initial_transform_composes_it(patient_dir, tmp_path):
     sitk.WriteTransform(shift, str(tmp_path / "initial.tfm"))
     out = tmp_path / "reg"
     assert main(["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--us", str(patient_dir / "us_00.nrrd"),
-                 "--initial", str(tmp_path / "initial.tfm"), "--device", "cpu", "--out", str(out)]) == 0
+                 "--initial", str(tmp_path / "initial.tfm"), "--fast", "--device", "cpu", "--out", str(out)]) == 0
     assert (out / "transform.h5").exists()
+    report = json.loads((out / "registration.json").read_text())
+    assert report["stage"] == "network" and "correction" not in report and report["folding_percent"] < 1.0
 
 
 def test_missing_file_is_one_clear_line(tmp_path, capsys):

@@ -78,15 +78,29 @@ def composite_lps(matrix_ijk: np.ndarray, bspline_ijk: np.ndarray, grid: Volume)
 def write_transforms(out_dir: Path, matrix_ijk: np.ndarray, disp_ijk: np.ndarray, bspline_ijk: np.ndarray,
                      grid: Volume) -> dict[str, Path]:
     """Write rigid.tfm, field.nrrd (composed) and transform.h5 (composite) into `out_dir`."""
+    return write_transform_files(out_dir, rigid_to_lps(matrix_ijk, grid), composite_lps(matrix_ijk, bspline_ijk, grid),
+                                 displacement_to_lps_image(disp_ijk, grid))
+
+
+def write_transform_files(out_dir: Path, rigid: sitk.Transform, composite: sitk.Transform,
+                          field_lps: sitk.Image) -> dict[str, Path]:
+    """rigid.tfm, transform.h5 and field.nrrd (an LPS displacement image), each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"rigid": out_dir / "rigid.tfm", "field": out_dir / "field.nrrd", "composite": out_dir / "transform.h5"}
-    transforms = {"rigid": rigid_to_lps(matrix_ijk, grid), "composite": composite_lps(matrix_ijk, bspline_ijk, grid)}
-    for key, transform in transforms.items():
+    for key, transform in {"rigid": rigid, "composite": composite}.items():
         tmp = paths[key].with_name(".partial-" + paths[key].name)
         sitk.WriteTransform(transform, str(tmp))
         tmp.replace(paths[key])
-    write_image_atomic(displacement_to_lps_image(disp_ijk, grid), paths["field"])
+    write_image_atomic(field_lps, paths["field"])
     return paths
+
+
+def transform_to_field(transform: sitk.Transform, grid: Volume) -> sitk.Image:
+    """Any transform (LPS, resampling convention) sampled as its displacement T(p) - p on `grid`:
+    an LPS vector image (float64) that ITK and Slicer read as a displacement field transform."""
+    return sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, list(grid.size_ijk),
+                                             grid.origin.tolist(), grid.spacing.tolist(),
+                                             grid.direction.flatten().tolist())
 
 
 def resample_with(transform: sitk.Transform, moving: Volume, reference: Volume, interpolator=sitk.sitkLinear) -> np.ndarray:

@@ -11,6 +11,7 @@ applies a manual alignment first.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,6 +22,9 @@ from deepnav.imaging import Volume, grid_like, require_finite, require_same_grid
 GRID_SIZE = 128
 GRID_SPACING_MM = 1.0
 MIN_OVERLAP = 0.05  # share of the fusion grid that the US field of view must cover
+REGION_MIN_SPACING_MM = 0.5  # finest registration region (a 64 mm cube at 128 voxels)
+REGION_MARGIN_MM = 2.0  # added around the overlap on every side
+REGION_MIN_OVERLAP_MM = 20.0  # the US must overlap the MR over at least this much along every axis
 
 
 @dataclasses.dataclass
@@ -33,18 +37,71 @@ class FusionPair:
     moving_label: np.ndarray | None = None
 
 
-def fusion_grid(mr: Volume, liver: Volume | None = None, size: int = GRID_SIZE) -> Volume:
-    """The 128^3 1 mm grid in the MR's orientation, centred on the liver (LPS geometry)."""
+def fusion_grid(mr: Volume, liver: Volume | None = None, size: int = GRID_SIZE,
+                centre_lps: np.ndarray | None = None) -> Volume:
+    """The network's 128^3 1 mm grid in the MR's orientation, centred on the liver, else on
+    `centre_lps` (the registration region's centre), else on the MR (LPS geometry)."""
     if liver is not None and np.any(liver.array):
         k, j, i = np.nonzero(liver.array)
         lo = np.array([i.min(), j.min(), k.min()])
         hi = np.array([i.max(), j.max(), k.max()])
         centre = liver.index_to_lps(((lo + hi) / 2)[None])[0]
+    elif centre_lps is not None:
+        centre = np.asarray(centre_lps, dtype=np.float64)
     else:
         centre = mr.centre_lps()
     spacing = np.full(3, GRID_SPACING_MM)
     origin = centre - mr.direction @ (spacing * (size - 1) / 2)
     return grid_like((size,) * 3, spacing, origin, mr.direction)
+
+
+def support_box_lps(us: Volume, initial: sitk.Transform | None = None) -> np.ndarray:
+    """LPS corners (8, 3) of the box around the US voxels that hold data (> 0: a scan converter
+    leaves zeros outside the fan), in MR space: through the inverse of `initial` (MR LPS -> US LPS)
+    when one is given."""
+    data = us.array > 0
+    if not data.any():
+        raise InputError("the US volume holds no data (every voxel <= 0)")
+    ranges = [np.flatnonzero(data.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    lo = np.array([ranges[2][0], ranges[1][0], ranges[0][0]])  # (i, j, k)
+    hi = np.array([ranges[2][-1], ranges[1][-1], ranges[0][-1]])
+    corners = us.corners_lps(lo, hi)
+    if initial is not None:
+        inverse = initial.GetInverse()
+        corners = np.array([inverse.TransformPoint(tuple(float(c) for c in p)) for p in corners])
+    return corners
+
+
+def registration_region(mr: Volume, us: Volume, liver: Volume | None = None, initial: sitk.Transform | None = None,
+                        size: int = GRID_SIZE) -> Volume:
+    """The grid the correction works on and the results are written on: a `size`^3 cube in the
+    MR's orientation around the overlap of the US data with the MR (and with the liver mask when
+    one is given), isotropic, its spacing the finest (>= 0.5 mm, in 0.1 mm steps) that covers the
+    overlap: 0.5 mm for a 50 mm brain US, 1.2-1.3 mm for a 150 mm liver sweep. LPS geometry.
+    Boxes are compared in the MR's axes (MR direction D: coordinates D^T p)."""
+    to_axes = mr.direction.T
+    us_axes = support_box_lps(us, initial) @ to_axes.T
+    boxes = [(us_axes.min(0), us_axes.max(0))]
+    mr_axes = mr.corners_lps() @ to_axes.T
+    boxes.append((mr_axes.min(0), mr_axes.max(0)))
+    if liver is not None and np.any(liver.array):
+        k, j, i = np.nonzero(liver.array)
+        liver_axes = liver.corners_lps((i.min(), j.min(), k.min()), (i.max(), j.max(), k.max())) @ to_axes.T
+        boxes.append((liver_axes.min(0), liver_axes.max(0)))
+    lo = np.max([b[0] for b in boxes], axis=0)
+    hi = np.min([b[1] for b in boxes], axis=0)
+    overlap = hi - lo
+    if np.any(overlap < REGION_MIN_OVERLAP_MM):
+        raise InputError(
+            "the US data overlaps the MR" + (" and the liver mask" if len(boxes) > 2 else "")
+            + f" over {np.round(np.clip(overlap, 0, None), 1).tolist()} mm along the MR's axes "
+            f"(at least {REGION_MIN_OVERLAP_MM:.0f} mm along each needed): check its position/orientation "
+            "or give an initial alignment")
+    extent = float(overlap.max()) + 2 * REGION_MARGIN_MM
+    spacing = max(REGION_MIN_SPACING_MM, math.ceil(extent / (size - 1) * 10 - 1e-9) / 10)
+    centre = mr.direction @ ((lo + hi) / 2)
+    origin = centre - mr.direction @ np.full(3, spacing * (size - 1) / 2)
+    return grid_like((size,) * 3, np.full(3, spacing), origin, mr.direction)
 
 
 def normalise(values: np.ndarray, mask: np.ndarray | None = None, lo_pct=1.0, hi_pct=99.5) -> np.ndarray:

@@ -1,5 +1,13 @@
-"""Register a US volume to the MR with a loaded cascade: the one entry point for the command
-line, the demo, the evaluation, the streaming service and the Slicer module."""
+"""Register a US volume to the MR with a loaded cascade, then correct it: the one entry point for
+the command line, the demo, the evaluation, the streaming service and the Slicer module.
+
+Two grids. The network sees its training grid (128^3 at 1 mm, `preprocess.fusion_grid`, centred on
+the liver or on the registration region): a model trained on 1 mm grids gets the input it knows,
+whatever the US's resolution. The correction (`correction.py`) works on the registration region
+(`preprocess.registration_region`: the overlap of the US data with the MR, 128^3 at its own
+spacing, 0.5 mm for a small brain US), where the corrected results are also written. Both are
+related through LPS mm only, so each result is exact on either.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +20,27 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from deepnav.imaging import Volume, write_volume
-from MRUSFusionLib import fields, losses
+from deepnav.imaging import Volume, linear_to_matrix, matrix_to_affine, resample_to_grid, write_volume
+from MRUSFusionLib import correction, fields, losses
 from MRUSFusionLib.model_io import LoadedModel
-from MRUSFusionLib.preprocess import FusionPair, prepare_pair
+from MRUSFusionLib.preprocess import FusionPair, fusion_grid, normalise, prepare_pair, registration_region
 from MRUSFusionLib.warp import compose_affine, compose_matrices, jacobian_determinant
+
+
+@dataclasses.dataclass
+class Correction:
+    """The correction stage's answer: a rigid map C (MR LPS -> LPS of the start), applied before
+    the transform it started from (the network's, or the coarse alignment when the network's
+    scored worse), so the registration is T = start o C."""
+
+    start: str  # "network" or "coarse"
+    start_transforms: list  # the start's ITK transforms, applied last-first (empty: identity)
+    start_linear: np.ndarray  # 4x4 LPS: the start's linear part (its rigid stage, or `initial`)
+    matrix_lps: np.ndarray  # 4x4 LPS: C
+    region: Volume  # the registration region (geometry)
+    warped: np.ndarray  # the US through T on the region, float32 [0, 1], 0 outside its data
+    report: dict  # similarity before/after, inlier share, consistency, disagreement, flags
+    timings: dict
 
 
 @dataclasses.dataclass
@@ -27,18 +51,34 @@ class Registration:
     bspline_ijk: np.ndarray  # the B-spline stage's u, same layout
     matrix_ijk: np.ndarray  # (3, 4) rigid, voxel space
     timings: dict[str, float]
+    correction: Correction | None = None  # None: the network's result alone (--fast)
 
     @property
     def grid(self) -> Volume:
         return self.pair.grid
 
+    @property
+    def stage(self) -> str:
+        return "network" if self.correction is None else "corrected"
+
+    def network_transform(self) -> sitk.CompositeTransform:
+        """The network's cascade in LPS mm, valid everywhere (rigid outside the 128 mm grid)."""
+        return fields.composite_lps(self.matrix_ijk, self.bspline_ijk, self.grid)
+
     def rigid_transform(self) -> sitk.AffineTransform:
-        """The rigid stage in LPS mm, resampling convention (MR point -> US point)."""
-        return fields.rigid_to_lps(self.matrix_ijk, self.grid)
+        """The rigid part in LPS mm, resampling convention (MR point -> US point): the network's
+        rigid stage, followed (applied before) by the correction when there is one."""
+        if self.correction is None:
+            return fields.rigid_to_lps(self.matrix_ijk, self.grid)
+        return matrix_to_affine(self.correction.start_linear @ self.correction.matrix_lps)
 
     def transform(self) -> sitk.CompositeTransform:
-        """The full cascade in LPS mm, valid everywhere (rigid outside the 128 mm grid)."""
-        return fields.composite_lps(self.matrix_ijk, self.bspline_ijk, self.grid)
+        """The registration in LPS mm (MR point -> US point): the network's cascade, or, corrected,
+        start o C as one composite (SimpleITK applies a composite's last transform first)."""
+        if self.correction is None:
+            return self.network_transform()
+        c = self.correction
+        return sitk.CompositeTransform([*c.start_transforms, matrix_to_affine(c.matrix_lps)])
 
     def map_points_lps(self, points_mr: np.ndarray, rigid_only: bool = False) -> np.ndarray:
         """Where MR points (N, 3, LPS mm) are found in the US, through the exported transform."""
@@ -63,9 +103,17 @@ class Registration:
         return {"mind_before": before, "mind_after": after, "folding_percent": self.folding_percent()}
 
     def write(self, out_dir: Path) -> dict[str, Path]:
-        """Transforms (rigid.tfm, field.nrrd, transform.h5) and the warped US in the fusion grid."""
-        paths = fields.write_transforms(out_dir, self.matrix_ijk, self.disp_ijk, self.bspline_ijk, self.grid)
-        paths["warped_us"] = write_volume(self.grid.with_array(self.warped), out_dir / "warped_us.nrrd")
+        """Transforms (rigid.tfm, field.nrrd, transform.h5) and the warped US: on the network's
+        grid, or, corrected, on the registration region."""
+        if self.correction is None:
+            paths = fields.write_transforms(out_dir, self.matrix_ijk, self.disp_ijk, self.bspline_ijk, self.grid)
+            paths["warped_us"] = write_volume(self.grid.with_array(self.warped), out_dir / "warped_us.nrrd")
+            return paths
+        region = self.correction.region
+        transform = self.transform()
+        paths = fields.write_transform_files(out_dir, self.rigid_transform(), transform,
+                                             fields.transform_to_field(transform, region))
+        paths["warped_us"] = write_volume(region.with_array(self.correction.warped), out_dir / "warped_us.nrrd")
         return paths
 
 
@@ -90,15 +138,123 @@ def register_pair(model: LoadedModel, pair: FusionPair, timings: dict | None = N
 
 def register(model: LoadedModel, mr: Volume, us: Volume, *, liver: Volume | None = None,
              initial: sitk.Transform | None = None, grid: Volume | None = None,
-             fixed: np.ndarray | None = None) -> Registration:
-    """Resample MR and US into the fusion grid (US coarsely aligned, or through `initial`) and run.
+             fixed: np.ndarray | None = None, correct: bool = True,
+             settings: correction.CorrectionSettings | None = None) -> Registration:
+    """Resample MR and US into the network's grid (US coarsely aligned, or through `initial`), run
+    the network, then (unless `correct` is False) the correction on the registration region.
     `grid` and `fixed` (see `prepare_pair`) reuse the MR's preprocessing across frames."""
     t0 = time.perf_counter()
+    region = registration_region(mr, us, liver, initial) if correct or (grid is None and liver is None) else None
+    if grid is None:
+        grid = fusion_grid(mr, liver, centre_lps=region.centre_lps() if region is not None else None)
     pair = prepare_pair(mr, us, liver=liver, initial=initial, grid=grid, fixed=fixed)
     result = register_pair(model, pair, {"preprocess": time.perf_counter() - t0})
     if initial is not None:
         fold_initial(result, initial)
+    if correct:
+        network = [fields.rigid_to_lps(result.matrix_ijk, result.grid),
+                   fields.displacement_transform(fields.displacement_to_lps_image(result.bspline_ijk, result.grid))]
+        result.correction = correct_registration(mr, us, region, network=network, initial=initial, liver=liver,
+                                                 settings=settings)
+        result.timings.update({f"correction_{k}": v for k, v in result.correction.timings.items()})
     return result
+
+
+def _moving_on_region(us: Volume, region: Volume, transform: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray]:
+    """The US through `transform` (region LPS -> US LPS) on the region, normalised, and its data
+    mask (inside the US grid and > 0: a scan converter leaves zeros outside the fan)."""
+    values = resample_to_grid(us, region, transform=transform, default_value=np.nan).array
+    mask = (np.isfinite(values) & (values > 0)).astype(np.float32)
+    return normalise(np.nan_to_num(values, nan=0.0), mask) * mask, mask
+
+
+def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: list | None = None,
+                         initial: sitk.Transform | None = None, liver: Volume | None = None,
+                         fixed_data_only: bool = False,
+                         settings: correction.CorrectionSettings | None = None) -> Correction:
+    """The correction stage on the registration region, started from the network's answer
+    (`network`: its ITK transforms, applied last-first) or from the coarse alignment (`initial`, or
+    the images as they lie), whichever has the lower MIND-SSC distance; never worse than its
+    start by that distance (`correction.correct_rigid`). The fixed support is the MR's grid (or,
+    `fixed_data_only`, its voxels > 0, for a fixed image with a fan); with a liver mask only the
+    liver and a margin around it: the body wall and ribs do not follow the liver's breathing, and
+    a rigid fit to them would pull it back."""
+    settings = settings or correction.CorrectionSettings()
+    timings = {}
+    t0 = time.perf_counter()
+    fixed_values = resample_to_grid(mr.with_array(mr.array.astype(np.float32, copy=False)), region,
+                                    default_value=np.nan).array
+    fixed_mask = np.isfinite(fixed_values) & ((fixed_values > 0) if fixed_data_only else True)
+    fixed_mask = fixed_mask.astype(np.float32)
+    fixed = normalise(np.nan_to_num(fixed_values, nan=0.0), fixed_mask)
+    if liver is not None:
+        fixed_mask *= _dilated_mask(liver, region, settings.liver_margin_mm)
+    fix_feat, fix_mask = correction.features(fixed, fixed_mask, settings)
+    starts = {"coarse": ([initial] if initial is not None else [],
+                         linear_to_matrix(initial) if initial is not None else np.eye(4))}
+    if network:
+        starts["network"] = (list(network), linear_to_matrix(network[0]))
+    moving = {}
+    for name, (transforms, _) in starts.items():
+        image, mask = _moving_on_region(us, region, sitk.CompositeTransform(transforms) if transforms else None)
+        moving[name] = correction.features(image, mask, settings)
+    # both starts scored on the same points: the fixed support inside either's moving support
+    shared = correction.Overlap.build(fix_feat, fix_mask, list(moving.values()))
+    identity = torch.from_numpy(np.hstack([np.eye(3), np.zeros((3, 1))]))
+    distance = {name: shared.distance(feat, mask, identity) for name, (feat, mask) in moving.items()}
+    start = min(distance, key=lambda name: (np.isnan(distance[name]), distance[name]))
+    timings["features"] = time.perf_counter() - t0
+    fg = correction.feature_grid(region, settings.feature_pool)
+    rigid = correction.correct_rigid(fix_feat, moving[start][0], fix_mask, moving[start][1],
+                                     float(fg.spacing[0]), settings)
+    timings.update(rigid.timings)
+    matrix_lps = linear_to_matrix(fields.rigid_to_lps(rigid.matrix_ijk, fg))
+    transforms, linear = starts[start]
+    final = sitk.CompositeTransform([*transforms, matrix_to_affine(matrix_lps)])
+    warped, _ = _moving_on_region(us, region, final)
+    disagreement = (_mean_distance(final, sitk.CompositeTransform(network), region, fixed_mask)
+                    if network else float("nan"))
+    report = {
+        "start": start,
+        "mind_ssc_coarse": distance["coarse"], "mind_ssc_network": distance.get("network", float("nan")),
+        "mind_ssc_before": rigid.distance_before, "mind_ssc_after": rigid.distance_after,
+        "inlier_share": rigid.inlier_share, "correspondences": rigid.points,
+        "consistency_mm": rigid.consistency_mm, "network_disagreement_mm": disagreement,
+        "flags": [flag for flag, on in (
+            ("network_worse_than_coarse", bool(network) and start == "coarse"),
+            ("correction_rejected", rigid.rejected),
+            (f"disagrees_with_network_over_{settings.disagreement_mm:g}mm", disagreement > settings.disagreement_mm),
+            ("few_inliers", rigid.inlier_share < settings.min_inlier_share)) if on],
+    }
+    timings["total"] = time.perf_counter() - t0
+    return Correction(start, transforms, linear, matrix_lps, region.with_array(np.zeros(region.array.shape, np.uint8)),
+                      warped.astype(np.float32), report, timings)
+
+
+def _dilated_mask(mask: Volume, region: Volume, margin_mm: float) -> np.ndarray:
+    """A mask resampled on the region (nearest neighbour) and dilated by `margin_mm` (a cube)."""
+    inside = resample_to_grid(mask.with_array((mask.array > 0).astype(np.float32)), region,
+                              interpolator=sitk.sitkNearestNeighbor).array
+    radius = int(round(margin_mm / float(region.spacing[0])))
+    if radius > 0:  # a cube is three 1D maxima, one per axis (a 3D kernel costs radius^2 times more)
+        t = torch.from_numpy(inside)[None, None]
+        for axis in range(3):
+            kernel, pad = [1, 1, 1], [0, 0, 0]
+            kernel[axis], pad[axis] = 2 * radius + 1, radius
+            t = F.max_pool3d(t, kernel, stride=1, padding=pad)
+        inside = t[0, 0].numpy()
+    return inside
+
+
+def _mean_distance(a: sitk.Transform, b: sitk.Transform, region: Volume, mask: np.ndarray, points: int = 500) -> float:
+    """Mean distance (mm) between where two transforms send the region's voxels inside `mask`
+    (a fixed subset of `points`)."""
+    k, j, i = np.nonzero(mask > 0)
+    if len(i) == 0:
+        return float("nan")
+    pick = np.random.default_rng(0).choice(len(i), min(points, len(i)), replace=False)
+    lps = region.index_to_lps(np.stack([i[pick], j[pick], k[pick]], 1))
+    return float(np.mean(np.linalg.norm(fields.transform_points(a, lps) - fields.transform_points(b, lps), axis=1)))
 
 
 def fold_initial(result: Registration, initial: sitk.Transform) -> None:

@@ -78,7 +78,8 @@ class FusionProcessor:
         self.fixed = prepare_fixed(mr, self.grid)
 
     def register(self, us: Volume) -> Registration:
-        return register(self.model, self.mr, us, grid=self.grid, fixed=self.fixed)
+        # the network alone: the correction stage is not streamed yet (a follow-up of issue 20)
+        return register(self.model, self.mr, us, grid=self.grid, fixed=self.fixed, correct=False)
 
     def warm_up(self) -> None:
         """Two passes on the MR against itself: allocations, kernels and caches are done here,

@@ -1,0 +1,422 @@
+"""The correction stage after the network: the method that leads the multimodal MR-US benchmarks
+(Learn2Reg CuRIOUS / ReMIND2Reg baselines: MIND-SSC features, a discrete displacement search with
+coupled-convex regularisation, forward/backward consistency, a least-trimmed-squares rigid fit),
+followed by a rigid instance optimisation on the same features.
+
+References: Heinrich et al., "Towards realtime multimodal fusion for image-guided interventions
+using self-similarities" (MICCAI 2013, MIND-SSC); Heinrich et al., "MRF-based deformable
+registration and ventilation estimation" (coupled convex, 2013); Siebert, Hansen & Heinrich,
+"Fast 3D registration with accurate optimisation and little learning for Learn2Reg 2021"
+(ConvexAdam).
+
+Written here rather than called from the authors' `convexadam` package: that package reads its
+images and masks from NIfTI file paths and returns a dense field at the fixed image's voxels, while
+this stage runs on a grid we already hold in memory, once per streamed frame, reuses the MR's
+features across frames, and must end in a rigid transform in mm with a never-worse check.
+
+Spaces. Everything runs on one registration grid (`region`, isotropic spacing s, LPS geometry):
+tensors are (N, C, k, j, i); positions and displacements are voxel coordinates (i, j, k) of that
+grid (so s mm per unit along each grid axis; the grid is isotropic and its direction orthonormal,
+so a rigid map of voxel coordinates is a rigid map in mm). A rigid map is a (3, 4) matrix on voxel
+positions, `x_moving = A x + b`, in the resampling convention (a fixed/MR voxel -> where it is
+found in the moving image resampled on the same grid). `fields.rigid_to_lps` turns it into LPS mm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deepnav.imaging import Volume, grid_like
+from MRUSFusionLib.warp import compose_matrices, identity_grid_ijk
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectionSettings:
+    """In the spirit of the published CuRIOUS / ReMIND2Reg recipe (MIND-SSC with a patch radius and
+    dilation of about a millimetre, a discrete search on a coarse grid, an LTS rigid fit), in the
+    registration region's voxels: 0.5 mm for a brain US (capture +-16 mm), ~1.25 mm for a liver
+    sweep (+-40 mm). Chosen on synthetic liver patients and real US-US moves (benchmarks/)."""
+
+    feature_pool: int = 1  # features on the region's own voxels (2: averaged over 2^3, 8x cheaper, less accurate)
+    mind_radius: int = 2  # patch radius of the self-similarity distances, feature voxels
+    mind_dilation: int = 2  # distance of the six neighbours, feature voxels
+    grid_step: int = 8  # control-point spacing of the discrete search, feature voxels (4 mm at 0.5 mm)
+    half_width: int = 4  # discrete search range, in grid steps each way (capture = step x half_width)
+    coupling: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # coupled-convex weights, rising
+    consistency_voxels: float = 2.0  # forward/backward disagreement above which a point is not used (grid steps)
+    trim: float = 0.5  # least-trimmed squares: share of points the fit keeps
+    inlier_steps: float = 0.5  # a point is an inlier of the fit when its residual < this many grid steps
+    refine_steps: int = 40  # Adam steps of the rigid refinement
+    refine_points: int = 8192  # fixed-support voxels the refinement samples
+    refine_lr_mm: float = 0.4  # translation step of the rigid refinement, mm
+    refine_lr_rad: float = 0.006  # rotation step of the rigid refinement, radians
+    disagreement_mm: float = 5.0  # network and correction disagree above this mean distance (flag)
+    min_inlier_share: float = 0.3  # fewer inliers of the robust fit are flagged
+    liver_margin_mm: float = 10.0  # with a liver mask, the fixed support is the liver dilated by this
+
+
+# ---------------------------------------------------------------- MIND-SSC
+
+def _shifted(padded: torch.Tensor, pad: int, offset: tuple[int, int, int], shape) -> torch.Tensor:
+    """image(x + offset) for a replicate-padded image; offset in (i, j, k) voxels."""
+    k, j, i = shape
+    oi, oj, ok = offset
+    return padded[:, :, pad + ok: pad + ok + k, pad + oj: pad + oj + j, pad + oi: pad + oi + i]
+
+
+def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over a (2r+1)^3 cube, replicate border; three 1D means (a 3D kernel costs (2r+1)^2
+    times more)."""
+    if radius <= 0:
+        return x
+    x = F.pad(x, (radius,) * 6, mode="replicate")
+    n = 2 * radius + 1
+    return F.avg_pool3d(F.avg_pool3d(F.avg_pool3d(x, (n, 1, 1), stride=1), (1, n, 1), stride=1), (1, 1, n), stride=1)
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptors (1, 12, k, j, i) of an image (1, 1, k, j, i).
+
+    The six neighbours at `dilation` voxels along the grid axes form 12 pairs at distance
+    sqrt(2) * dilation (the octahedron's edges); each channel is the patch distance between
+    the pair, exp(-D / V) with V the local mean distance (a noise estimate), so the descriptor
+    depends on local structure, not on the modality's intensities.
+
+    The pair (p, q) sees (I(x + p) - I(x + q))^2 = S_v(x + p) with v = q - p: the 12 pairs need
+    only 6 difference images S_v (v and -v give the same one, shifted), box-filtered once each,
+    then read at 12 offsets; half the work of filtering 12 channels."""
+    shape = image.shape[2:]
+    d = dilation
+    axes = np.eye(3, dtype=int) * d
+    pairs = [(sa * axes[a], sb * axes[b]) for a, b in itertools.combinations(range(3), 2)
+             for sa, sb in itertools.product((-1, 1), repeat=2)]
+    # the difference vectors up to sign: (+e_a + e_b) and (+e_a - e_b) for each pair of axes
+    vectors = []
+    for p, q in pairs:
+        v = q - p
+        key = tuple(v) if tuple(v) > tuple(-v) else tuple(-v)
+        if key not in vectors:
+            vectors.append(key)
+    pad = 2 * d  # S_v is read at x + p (|p| = d) and built from I(y + v) (|v_i| <= d)
+    padded = F.pad(image, (pad,) * 6, mode="replicate")
+    k, j, i = (n + 2 * d for n in shape)  # S_v on the grid grown by d each side
+    base = padded[:, :, d: d + k, d: d + j, d: d + i]
+    diffs = torch.cat([(base - _shifted(padded, d, v, (k, j, i))) ** 2 for v in vectors], 1)
+    diffs = _box(diffs, radius)
+    channels = []
+    for p, q in pairs:
+        v = tuple(q - p)
+        index, origin = (vectors.index(v), p) if v in vectors else (vectors.index(tuple(p - q)), q)
+        channels.append(_shifted(diffs[:, index: index + 1], d, tuple(origin), shape))
+    dist = torch.cat(channels, 1)
+    dist = dist - dist.min(1, keepdim=True).values
+    variance = dist.mean(1, keepdim=True)
+    mean_var = variance.mean()
+    variance = variance.clamp(float(mean_var) * 1e-3, float(mean_var) * 1e3)
+    return torch.exp(-dist / variance)
+
+
+# ---------------------------------------------------------------- discrete search
+
+def _shifts(half_width: int) -> torch.Tensor:
+    r = torch.arange(-half_width, half_width + 1, dtype=torch.float32)
+    dk, dj, di = torch.meshgrid(r, r, r, indexing="ij")
+    return torch.stack([di.flatten(), dj.flatten(), dk.flatten()], 1)  # (S, 3) in (i, j, k)
+
+
+def cost_volume(fix: torch.Tensor, mov: torch.Tensor, fix_valid: torch.Tensor, mov_valid: torch.Tensor,
+                half_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of squared feature differences for every shift in [-hw, hw]^3 (coarse voxels):
+    cost[s, x] = |fix(x) - mov(x + s)|^2, smoothed over a 3^3 neighbourhood of x, normalised to a
+    mean of 1 over the valid entries. Entries whose shifted point leaves the moving image's
+    support are set to the point's mean valid cost (they neither attract nor repel), and points
+    outside the fixed support get a flat cost (the regularisation alone places them)."""
+    hw = half_width
+    n = fix.shape[2:]
+    mov_p = F.pad(mov, (hw,) * 6)
+    valid_p = F.pad(mov_valid, (hw,) * 6)
+    shifts = _shifts(hw).long()
+    cost = torch.empty((len(shifts),) + tuple(n))
+    valid = torch.empty((len(shifts),) + tuple(n), dtype=torch.bool)
+    for s, (di, dj, dk) in enumerate(shifts.tolist()):
+        window = (slice(None), slice(None), slice(hw + dk, hw + dk + n[0]), slice(hw + dj, hw + dj + n[1]),
+                  slice(hw + di, hw + di + n[2]))
+        cost[s] = ((fix - mov_p[window]) ** 2).sum(1)[0]
+        valid[s] = valid_p[window][0, 0] > 0.5
+    cost = F.avg_pool3d(F.pad(cost[None], (1,) * 6, mode="replicate"), 3, stride=1)[0]
+    usable = valid & (fix_valid[0, 0] > 0.5)[None]
+    scale = cost[usable].mean() if usable.any() else torch.tensor(1.0)
+    cost = cost / scale.clamp_min(1e-12)
+    count = valid.sum(0).clamp_min(1)
+    neutral = (cost * valid).sum(0) / count
+    cost = torch.where(valid, cost, neutral[None].expand_as(cost))
+    cost[:, fix_valid[0, 0] <= 0.5] = 0.0
+    return cost, shifts.float()
+
+
+def _smooth_field(disp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Two 3^3 box filters, normalised by the weight (1 inside the fixed support): the field
+    outside the support neither drags the inside towards zero nor counts at all."""
+    total = _box(_box(weight, 1), 1)
+    return _box(_box(disp * weight, 1), 1) / total.clamp_min(1e-6) * (total > 1e-6)
+
+
+def coupled_convex(cost: torch.Tensor, shifts: torch.Tensor, coupling, weight: torch.Tensor) -> torch.Tensor:
+    """Alternate a point-wise argmin of cost + w * |s - v(x)|^2 with the smoothing of the chosen
+    shifts into v, for rising w: the discrete search and the smooth field converge onto each
+    other (Heinrich's coupled convex optimisation). Returns (1, 3, n...) coarse voxels (i, j, k).
+    Ties (flat costs outside the support) go to the smallest shift."""
+    n = cost.shape[1:]
+    flat = cost.reshape(len(shifts), -1) + 1e-6 * (shifts**2).sum(1, keepdim=True)
+    disp = shifts[flat.argmin(0)].T.reshape(1, 3, *n)
+    for w in coupling:
+        smooth = _smooth_field(disp, weight).reshape(3, -1)
+        penalty = ((shifts[:, :, None] - smooth[None]) ** 2).sum(1)
+        disp = shifts[(flat + w * penalty).argmin(0)].T.reshape(1, 3, *n)
+    return _smooth_field(disp, weight)
+
+
+def sample_field(field: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """A field (1, C, k, j, i) at positions (1, 3, ...) in its voxel coordinates (i, j, k),
+    trilinear, border values outside."""
+    k, j, i = field.shape[2:]
+    scale = torch.tensor([2.0 / max(i - 1, 1), 2.0 / max(j - 1, 1), 2.0 / max(k - 1, 1)]).view(1, 3, 1, 1, 1)
+    grid = (pos * scale - 1.0).permute(0, 2, 3, 4, 1)
+    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+@dataclasses.dataclass
+class DiscreteResult:
+    points: torch.Tensor  # (P, 3) fine voxel positions (i, j, k) of the coarse grid's centres, usable ones
+    targets: torch.Tensor  # (P, 3) where they are found in the moving image (fine voxels)
+    consistency: torch.Tensor  # (P,) forward/backward disagreement, fine voxels
+    valid_points: int  # coarse points inside both supports (before the consistency filter)
+
+
+def discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, settings: CorrectionSettings) -> DiscreteResult:
+    """Coarse correspondences from the discrete search, both ways, kept where they agree."""
+    step = settings.grid_step
+    f = F.avg_pool3d(fix_feat, step, stride=step)
+    m = F.avg_pool3d(mov_feat, step, stride=step)
+    fv = F.avg_pool3d(fix_mask, step, stride=step)
+    mv = F.avg_pool3d(mov_mask, step, stride=step)
+    cost_f, shifts = cost_volume(f, m, fv, mv, settings.half_width)
+    forward = coupled_convex(cost_f, shifts, settings.coupling, (fv > 0.5).float())
+    cost_b, _ = cost_volume(m, f, mv, fv, settings.half_width)
+    backward = coupled_convex(cost_b, shifts, settings.coupling, (mv > 0.5).float())
+    coarse = identity_grid_ijk(f.shape[2:])
+    # forward then backward should return to the start: x + f(x) + b(x + f(x)) = x
+    round_trip = forward + sample_field(backward, coarse + forward)
+    disagreement = round_trip.norm(dim=1)[0]  # coarse voxels
+    # both supports at the point and at its correspondence
+    lands = sample_field(mv, coarse + forward)[0, 0] > 0.5
+    inside = (fv[0, 0] > 0.5) & lands
+    keep = inside & (disagreement <= settings.consistency_voxels)
+    centre = (step - 1) / 2.0  # the fine position of coarse voxel c is c * step + (step - 1) / 2
+    pos = coarse[0].permute(1, 2, 3, 0)[keep] * step + centre
+    # the symmetric estimate: half of forward minus half of backward at the target
+    sym = 0.5 * (forward - sample_field(backward, coarse + forward))
+    target = pos + sym[0].permute(1, 2, 3, 0)[keep] * step
+    return DiscreteResult(pos, target, disagreement[keep] * step, int(inside.sum()))
+
+
+# ---------------------------------------------------------------- robust rigid fit
+
+def kabsch(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The rigid (3, 4) [R | t] minimising sum |R p + t - q|^2 (proper rotation)."""
+    pc, qc = p.mean(0), q.mean(0)
+    u, _, vt = np.linalg.svd((p - pc).T @ (q - qc))
+    d = np.sign(np.linalg.det(vt.T @ u.T))
+    rot = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    return np.column_stack([rot, qc - rot @ pc])
+
+
+def lts_rigid(p: np.ndarray, q: np.ndarray, keep: float = 0.5, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Least-trimmed-squares rigid fit: the rigid map whose `keep` share of smallest residuals
+    has the least squared sum (concentration steps from the full fit, Rousseeuw & Van Driessen).
+    Returns the (3, 4) matrix and the residual of every point."""
+    h = max(3, int(math.ceil(keep * len(p))))
+    subset = np.arange(len(p))
+    matrix = kabsch(p, q)
+    for _ in range(iterations):
+        residual = np.linalg.norm(p @ matrix[:, :3].T + matrix[:, 3] - q, axis=1)
+        new = np.sort(np.argsort(residual)[:h])
+        if len(new) == len(subset) and np.array_equal(new, subset):
+            break
+        subset = new
+        matrix = kabsch(p[subset], q[subset])
+    residual = np.linalg.norm(p @ matrix[:, :3].T + matrix[:, 3] - q, axis=1)
+    return matrix, residual
+
+
+# ---------------------------------------------------------------- rigid instance optimisation
+
+def _normalised(pos: torch.Tensor, shape) -> torch.Tensor:
+    """Voxel positions (..., 3) as (i, j, k) -> grid_sample's [-1, 1] coordinates (align_corners)."""
+    k, j, i = shape
+    return pos * torch.tensor([2.0 / (i - 1), 2.0 / (j - 1), 2.0 / (k - 1)]) - 1.0
+
+
+def sampled_distance(fix_values: torch.Tensor, points: torch.Tensor, mov, mov_mask, matrix: torch.Tensor,
+                     outside_cost: float) -> torch.Tensor:
+    """Mean squared MIND-SSC difference at `points` (P, 3) between the fixed features there
+    (C, P) and the moving ones at matrix(points). A point that the map sends out of the moving
+    support costs `outside_cost` (a poor match) instead of being dropped: a normalised mean over
+    the overlap alone would reward shrinking the overlap onto featureless tissue. Differentiable
+    in `matrix`."""
+    pos = points @ matrix[:, :3].T + matrix[:, 3]
+    grid = _normalised(pos, mov.shape[2:]).view(1, 1, 1, -1, 3)
+    warped = F.grid_sample(mov, grid, mode="bilinear", padding_mode="zeros", align_corners=True).view(mov.shape[1], -1)
+    inside = F.grid_sample(mov_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True).view(-1)
+    inside = inside.clamp(0.0, 1.0)
+    return (inside * ((fix_values - warped) ** 2).sum(0) + (1.0 - inside) * outside_cost).mean()
+
+
+@dataclasses.dataclass
+class Overlap:
+    """The fixed points the correction scores: fixed-support voxels inside the moving support at
+    the start, with the cost of losing one (the 90th percentile of their start distances)."""
+
+    points: torch.Tensor  # (P, 3) feature voxel positions (i, j, k)
+    values: torch.Tensor  # (C, P) fixed features there
+    outside_cost: float
+
+    @classmethod
+    def build(cls, fix, fix_mask, movings: list[tuple[torch.Tensor, torch.Tensor]]) -> Overlap:
+        """The fixed support inside any of the moving (features, mask) pairs as they lie."""
+        support = fix_mask[0, 0] > 0.99
+        inside = torch.zeros_like(support)
+        for _, mask in movings:
+            inside |= support & (mask[0, 0] > 0.99)
+        k, j, i = torch.nonzero(inside, as_tuple=True)
+        values = fix[0][:, k, j, i]
+        distances = [((values - mov[0][:, k, j, i]) ** 2).sum(0)[mask[0, 0, k, j, i] > 0.99] for mov, mask in movings]
+        pooled = torch.cat(distances)[:100_000]
+        cost = float(torch.quantile(pooled, 0.9)) if len(pooled) else 0.0
+        return cls(torch.stack([i, j, k], 1).float(), values, cost)
+
+    @classmethod
+    def at_start(cls, fix, mov, fix_mask, mov_mask) -> Overlap:
+        return cls.build(fix, fix_mask, [(mov, mov_mask)])
+
+    def subset(self, limit: int, seed: int = 0) -> Overlap:
+        """A fixed random subset: the refinement's cost is per point, and 8k points pin six parameters."""
+        if len(self.points) <= limit:
+            return self
+        pick = torch.randperm(len(self.points), generator=torch.Generator().manual_seed(seed))[:limit]
+        return Overlap(self.points[pick], self.values[:, pick], self.outside_cost)
+
+    def distance(self, mov, mov_mask, matrix: torch.Tensor) -> float:
+        """The similarity the never-worse rule compares (lower is better)."""
+        if len(self.points) == 0:
+            return float("nan")
+        with torch.no_grad():
+            return float(sampled_distance(self.values, self.points, mov, mov_mask, matrix.float(), self.outside_cost))
+
+
+def _rotation(rotvec: torch.Tensor) -> torch.Tensor:
+    x, y, z = rotvec
+    zero = torch.zeros((), dtype=rotvec.dtype)
+    skew = torch.stack([torch.stack([zero, -z, y]), torch.stack([z, zero, -x]), torch.stack([-y, x, zero])])
+    return torch.linalg.matrix_exp(skew)
+
+
+def refine_rigid(overlap: Overlap, mov, mov_mask, start: np.ndarray, centre: torch.Tensor, spacing_mm: float,
+                 settings: CorrectionSettings) -> np.ndarray:
+    """Adam on the six rigid parameters (rotation about `centre`, translation in mm) applied
+    before `start`, minimising `sampled_distance` on a fixed subset of the overlap. Returns the
+    (3, 4) matrix (feature voxels)."""
+    a0 = torch.from_numpy(start).float()
+    sample = overlap.subset(settings.refine_points)
+    rotvec = torch.zeros(3, requires_grad=True)
+    shift_mm = torch.zeros(3, requires_grad=True)
+
+    def matrix() -> torch.Tensor:
+        rot = _rotation(rotvec)
+        inner = torch.cat([rot, (centre - rot @ centre + shift_mm / spacing_mm)[:, None]], 1)
+        return compose_matrices(a0[None], inner[None])[0]
+
+    opt = torch.optim.Adam([{"params": [rotvec], "lr": settings.refine_lr_rad},
+                            {"params": [shift_mm], "lr": settings.refine_lr_mm}])
+    for _ in range(settings.refine_steps):
+        opt.zero_grad()
+        sampled_distance(sample.values, sample.points, mov, mov_mask, matrix(), sample.outside_cost).backward()
+        opt.step()
+    with torch.no_grad():
+        return matrix().double().numpy()
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclasses.dataclass
+class RigidCorrection:
+    matrix_ijk: np.ndarray  # (3, 4) on the region grid's voxels: fixed voxel -> moving voxel
+    distance_before: float  # feature distance at the identity (the start)
+    distance_after: float  # at the correction (<= before: never worse)
+    inlier_share: float  # share of consistent coarse points within the inlier distance of the fit
+    points: int  # consistent coarse points used by the fit
+    consistency_mm: float  # median forward/backward disagreement of those points
+    rejected: bool  # the correction scored worse than its start, so the start was kept
+    timings: dict
+
+
+def correct_rigid(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm: float,
+                  settings: CorrectionSettings = CorrectionSettings()) -> RigidCorrection:
+    """The correction of a moving image already resampled on the fixed grid (through the start
+    transform): discrete search + consistency + LTS rigid fit, then rigid refinement. The result
+    is kept only if it lowers the feature distance; otherwise the identity is returned."""
+    import time
+
+    timings = {}
+    t0 = time.perf_counter()
+    corr = discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, settings)
+    timings["discrete"] = time.perf_counter() - t0
+    identity = np.hstack([np.eye(3), np.zeros((3, 1))])
+    step_mm = settings.grid_step * spacing_mm
+    if len(corr.points) >= 6:
+        p, q = corr.points.double().numpy(), corr.targets.double().numpy()
+        fitted, residual = lts_rigid(p, q, settings.trim)
+        inlier_share = float(np.mean(residual * spacing_mm < settings.inlier_steps * step_mm))
+        consistency = float(np.median(corr.consistency.numpy())) * spacing_mm
+    else:  # too few consistent correspondences: refine from the start alone
+        fitted, inlier_share, consistency = identity, 0.0, float("nan")
+    t1 = time.perf_counter()
+    overlap = Overlap.at_start(fix_feat, mov_feat, fix_mask, mov_mask)
+    d_start = overlap.distance(mov_feat, mov_mask, torch.from_numpy(identity))
+    d_fit = overlap.distance(mov_feat, mov_mask, torch.from_numpy(fitted))
+    # the refinement starts from whichever is better: the robust fit or the start itself
+    start = fitted if d_fit <= d_start else identity
+    centre = overlap.points.mean(0) if len(overlap.points) else torch.zeros(3)
+    refined = refine_rigid(overlap, mov_feat, mov_mask, start, centre, spacing_mm, settings)
+    d_after = overlap.distance(mov_feat, mov_mask, torch.from_numpy(refined))
+    timings["refine"] = time.perf_counter() - t1
+    rejected = not d_after < d_start
+    return RigidCorrection(identity if rejected else refined, d_start, min(d_after, d_start), inlier_share,
+                           len(corr.points), consistency, rejected, timings)
+
+
+# ---------------------------------------------------------------- on volumes
+
+def feature_grid(region: Volume, pool: int) -> Volume:
+    """The geometry of the region averaged over pool^3 voxels: feature voxel c is the centre of
+    region voxels pool * c .. pool * c + pool - 1 (LPS)."""
+    size = [n // pool for n in region.size_ijk]
+    origin = region.origin + region.direction @ (region.spacing * (pool - 1) / 2.0)
+    return grid_like(size, region.spacing * pool, origin, region.direction)
+
+
+def features(image: np.ndarray, mask: np.ndarray, settings: CorrectionSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """MIND-SSC of an image on the region (k, j, i, float32 in [0, 1]) averaged over its support
+    `mask` in pool^3 blocks, and the pooled mask (share of each block inside the support)."""
+    p = settings.feature_pool
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    msk = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    inside = F.avg_pool3d(msk, p, stride=p)
+    pooled = F.avg_pool3d(img * msk, p, stride=p) / inside.clamp_min(1e-6)
+    return mind_ssc(pooled, settings.mind_radius, settings.mind_dilation), inside
