@@ -41,8 +41,8 @@ def python_executable() -> str:
 
 def deepnav_command(*args: str, python: str | None = None) -> list[str]:
     """The command line of `deepnav ARGS` run by `python` as a child that ends itself when its
-    parent is gone (see `_main`)."""
-    return [python or python_executable(), "-m", "deepnav.child_process", *args]
+    parent is gone (`deepnav.child_main`)."""
+    return [python or python_executable(), "-m", "deepnav.child_main", *args]
 
 
 def child_environment(*modules: str) -> dict[str, str]:
@@ -144,22 +144,3 @@ class ChildTask:
 
 def _tail(lines: list[str], n: int = 3) -> str:
     return " | ".join(lines[-n:]) if lines else "(none)"
-
-
-def _main(argv: list[str]) -> int:
-    """`python -m deepnav.child_process ARGS`: `deepnav ARGS`, ended (exit status 1) as soon as its
-    standard input closes, i.e. when the parent (Slicer) is gone, even after a crash, so that no
-    service or training outlives it."""
-    def watch_parent() -> None:
-        while os.read(0, 65536):  # the file descriptor, not sys.stdin: no buffer lock at shutdown
-            pass
-        os._exit(1)
-
-    threading.Thread(target=watch_parent, name="deepnav-parent-watch", daemon=True).start()
-    from deepnav.cli import main
-
-    return main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
