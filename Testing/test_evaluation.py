@@ -23,6 +23,8 @@ def test_identity_network_scores_its_initial_error():
     assert s["dice_vessels_final"] == pytest.approx(s["dice_vessels_initial"], abs=1e-6)
     assert s["folding_percent"] == 0.0 and s["latency_s"]["median"] > 0
     assert np.isfinite(s["tre_initial_mm"]["median"]) and report["cases"][0]["landmarks"] >= 3
+    correction = report["cases"][0]["correction"]  # the correction stage ran, scored and kept its word
+    assert correction["mind_ssc_after"] <= correction["mind_ssc_before"] and np.isfinite(s["tre_corrected_mm"]["median"])
 
 
 def test_evaluation_patients_never_overlap_training_patients():

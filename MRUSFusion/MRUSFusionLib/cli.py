@@ -107,6 +107,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--frames", type=int, default=2, help="US frames per case (start and end of the half cycle)")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--no-correction", action="store_true", help="the network alone (as register --fast)")
     p.add_argument("--model", type=Path)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, required=True)
@@ -305,7 +306,8 @@ def _evaluate(args) -> int:
     from MRUSFusionLib.evaluation import evaluate, format_table, write_report
 
     model = _load(args)
-    report = evaluate(model, args.cases, args.seed, frames=args.frames, baseline=not args.no_baseline)
+    report = evaluate(model, args.cases, args.seed, frames=args.frames, baseline=not args.no_baseline,
+                      correct=not args.no_correction)
     print(format_table(report))
     write_report(report, args.json)
     print(f"wrote {args.json}")

@@ -65,6 +65,12 @@ class Registration:
         """The network's cascade in LPS mm, valid everywhere (rigid outside the 128 mm grid)."""
         return fields.composite_lps(self.matrix_ijk, self.bspline_ijk, self.grid)
 
+    def network_transforms(self) -> list[sitk.Transform]:
+        """The network's cascade as its two ITK transforms, rigid then B-spline field (a
+        composite applies the last one first): what the correction may start from."""
+        return [fields.rigid_to_lps(self.matrix_ijk, self.grid),
+                fields.displacement_transform(fields.displacement_to_lps_image(self.bspline_ijk, self.grid))]
+
     def rigid_transform(self) -> sitk.AffineTransform:
         """The rigid part in LPS mm, resampling convention (MR point -> US point): the network's
         rigid stage, followed (applied before) by the correction when there is one."""
@@ -152,10 +158,8 @@ def register(model: LoadedModel, mr: Volume, us: Volume, *, liver: Volume | None
     if initial is not None:
         fold_initial(result, initial)
     if correct:
-        network = [fields.rigid_to_lps(result.matrix_ijk, result.grid),
-                   fields.displacement_transform(fields.displacement_to_lps_image(result.bspline_ijk, result.grid))]
-        result.correction = correct_registration(mr, us, region, network=network, initial=initial, liver=liver,
-                                                 settings=settings)
+        result.correction = correct_registration(mr, us, region, network=result.network_transforms(),
+                                                 initial=initial, liver=liver, settings=settings)
         result.timings.update({f"correction_{k}": v for k, v in result.correction.timings.items()})
     return result
 
