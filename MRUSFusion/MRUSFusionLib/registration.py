@@ -20,6 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from deepnav.errors import InputError
 from deepnav.imaging import Volume, linear_to_matrix, matrix_to_affine, resample_to_grid, write_volume
 from MRUSFusionLib import correction, fields, losses
 from MRUSFusionLib.model_io import LoadedModel
@@ -206,12 +207,27 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     shared = correction.Overlap.build(fix_feat, fix_mask, list(moving.values()))
     identity = torch.from_numpy(np.hstack([np.eye(3), np.zeros((3, 1))]))
     distance = {name: shared.distance(feat, mask, identity) for name, (feat, mask) in moving.items()}
-    start = min(distance, key=lambda name: (np.isnan(distance[name]), distance[name]))
     timings["features"] = time.perf_counter() - t0
+    # correct from every start and keep the answer the shared distance prefers: a network answer
+    # slightly better than the coarse alignment can still be a worse place to search from
     fg = correction.feature_grid(region, settings.feature_pool)
-    rigid = correction.correct_rigid(fix_feat, moving[start][0], fix_mask, moving[start][1],
-                                     float(fg.spacing[0]), settings)
-    timings.update(rigid.timings)
+    answers = {}
+    for name, (feat, mask) in moving.items():
+        if np.isnan(distance[name]):
+            continue
+        rigid = correction.correct_rigid(fix_feat, feat, fix_mask, mask, float(fg.spacing[0]), settings)
+        for key, value in rigid.timings.items():
+            timings[key] = timings.get(key, 0.0) + value
+        answers[name] = (shared.distance(feat, mask, torch.from_numpy(rigid.matrix_ijk)), rigid)
+    if not answers:
+        raise InputError("the US data and the MR do not overlap in the registration region")
+    start = min(answers, key=lambda name: answers[name][0])
+    after, rigid = answers[start]
+    best_start = min(answers, key=lambda name: distance[name])
+    if not after <= distance[best_start]:  # never worse than the better start, by the shared measure
+        start, after = best_start, distance[best_start]
+        rigid = dataclasses.replace(answers[start][1], matrix_ijk=np.hstack([np.eye(3), np.zeros((3, 1))]),
+                                    rejected=True)
     matrix_lps = linear_to_matrix(fields.rigid_to_lps(rigid.matrix_ijk, fg))
     transforms, linear = starts[start]
     final = sitk.CompositeTransform([*transforms, matrix_to_affine(matrix_lps)])
@@ -221,11 +237,12 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     report = {
         "start": start,
         "mind_ssc_coarse": distance["coarse"], "mind_ssc_network": distance.get("network", float("nan")),
-        "mind_ssc_before": rigid.distance_before, "mind_ssc_after": rigid.distance_after,
+        "mind_ssc_before": min(distance.values()), "mind_ssc_after": after,
+        "mind_ssc_corrected_from": {name: answer[0] for name, answer in answers.items()},
         "inlier_share": rigid.inlier_share, "correspondences": rigid.points,
         "consistency_mm": rigid.consistency_mm, "network_disagreement_mm": disagreement,
         "flags": [flag for flag, on in (
-            ("network_worse_than_coarse", bool(network) and start == "coarse"),
+            ("network_worse_than_coarse", bool(network) and distance.get("network", np.inf) > distance["coarse"]),
             ("correction_rejected", rigid.rejected),
             (f"disagrees_with_network_over_{settings.disagreement_mm:g}mm", disagreement > settings.disagreement_mm),
             ("few_inliers", rigid.inlier_share < settings.min_inlier_share)) if on],
