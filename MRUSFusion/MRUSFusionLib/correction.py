@@ -39,21 +39,30 @@ from MRUSFusionLib.warp import compose_matrices, identity_grid_ijk
 @dataclasses.dataclass(frozen=True)
 class CorrectionSettings:
     """In the spirit of the published CuRIOUS / ReMIND2Reg recipe (MIND-SSC with a patch radius and
-    dilation of about a millimetre, a discrete search on a coarse grid, an LTS rigid fit), in the
-    registration region's voxels: 0.5 mm for a brain US (capture +-16 mm), ~1.25 mm for a liver
-    sweep (+-40 mm). Chosen on synthetic liver patients and real US-US moves (benchmarks/)."""
+    dilation of a few millimetres, a discrete search on a coarse grid, an LTS rigid fit), in mm:
+    features at about 1.2 mm whatever the region's spacing (a 0.5 mm brain region is averaged over
+    2^3 voxels, a 1.25 mm liver region is used as it is), a 6 mm search grid, a capture of
+    about +-30 mm. Chosen on synthetic liver patients and real US-US moves (benchmarks/)."""
 
-    feature_pool: int = 1  # features on the region's own voxels (2: averaged over 2^3, 8x cheaper, less accurate)
+    def pool(self, region_spacing_mm: float) -> int:
+        """Region voxels averaged per feature voxel (per axis)."""
+        return max(1, int(round(self.feature_spacing_mm / region_spacing_mm)))
+
+    def step(self, feature_spacing_mm: float) -> int:
+        """The discrete search's grid step in feature voxels."""
+        return max(2, int(round(self.grid_step_mm / feature_spacing_mm)))
+
+    feature_spacing_mm: float = 1.2  # the region is averaged over p^3 blocks to about this spacing before MIND-SSC
     mind_radius: int = 2  # patch radius of the self-similarity distances, feature voxels
     mind_dilation: int = 2  # distance of the six neighbours, feature voxels
-    grid_step: int = 8  # control-point spacing of the discrete search, feature voxels (4 mm at 0.5 mm)
-    half_width: int = 4  # discrete search range, in grid steps each way (capture = step x half_width)
+    grid_step_mm: float = 6.0  # control-point spacing of the discrete search (rounded to feature voxels)
+    half_width: int = 5  # discrete search range, in grid steps each way (capture ~ 6 mm x 5 = 30 mm)
     coupling: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # coupled-convex weights, rising
     consistency_voxels: float = 2.0  # forward/backward disagreement above which a point is not used (grid steps)
     trim: float = 0.5  # least-trimmed squares: share of points the fit keeps
     inlier_steps: float = 0.5  # a point is an inlier of the fit when its residual < this many grid steps
-    refine_steps: int = 40  # Adam steps of the rigid refinement
-    refine_points: int = 8192  # fixed-support voxels the refinement samples
+    refine_steps: int = 30  # Adam steps of the rigid refinement
+    refine_points: int = 4096  # fixed-support voxels the refinement samples
     refine_lr_mm: float = 0.4  # translation step of the rigid refinement, mm
     refine_lr_rad: float = 0.006  # rotation step of the rigid refinement, radians
     disagreement_mm: float = 5.0  # network and correction disagree above this mean distance (flag)
@@ -139,16 +148,18 @@ def cost_volume(fix: torch.Tensor, mov: torch.Tensor, fix_valid: torch.Tensor, m
     outside the fixed support get a flat cost (the regularisation alone places them)."""
     hw = half_width
     n = fix.shape[2:]
-    mov_p = F.pad(mov, (hw,) * 6)
-    valid_p = F.pad(mov_valid, (hw,) * 6)
-    shifts = _shifts(hw).long()
-    cost = torch.empty((len(shifts),) + tuple(n))
-    valid = torch.empty((len(shifts),) + tuple(n), dtype=torch.bool)
-    for s, (di, dj, dk) in enumerate(shifts.tolist()):
-        window = (slice(None), slice(None), slice(hw + dk, hw + dk + n[0]), slice(hw + dj, hw + dj + n[1]),
-                  slice(hw + di, hw + di + n[2]))
-        cost[s] = ((fix - mov_p[window]) ** 2).sum(1)[0]
-        valid[s] = valid_p[window][0, 0] > 0.5
+    width = 2 * hw + 1
+    mov_p = F.pad(mov, (hw,) * 6)[0]
+    valid_p = F.pad(mov_valid, (hw,) * 6)[0, 0] > 0.5
+    shifts = _shifts(hw).long()  # dk slowest, then dj, then di: the order of the slabs below
+    cost = torch.empty((width, width, width) + tuple(n))
+    valid = torch.empty((width, width, width) + tuple(n), dtype=torch.bool)
+    for a in range(width):  # one shift along k at a time; all (j, i) shifts at once as strided views
+        window = mov_p[:, a: a + n[0]].unfold(2, n[1], 1).unfold(3, n[2], 1)  # (C, k, dj, di, j, i)
+        cost[a] = ((fix[0][:, :, None, None] - window) ** 2).sum(0).permute(1, 2, 0, 3, 4)
+        valid[a] = valid_p[a: a + n[0]].unfold(1, n[1], 1).unfold(2, n[2], 1).permute(1, 2, 0, 3, 4)
+    cost = cost.reshape((len(shifts),) + tuple(n))
+    valid = valid.reshape((len(shifts),) + tuple(n))
     cost = F.avg_pool3d(F.pad(cost[None], (1,) * 6, mode="replicate"), 3, stride=1)[0]
     usable = valid & (fix_valid[0, 0] > 0.5)[None]
     scale = cost[usable].mean() if usable.any() else torch.tensor(1.0)
@@ -175,9 +186,11 @@ def coupled_convex(cost: torch.Tensor, shifts: torch.Tensor, coupling, weight: t
     n = cost.shape[1:]
     flat = cost.reshape(len(shifts), -1) + 1e-6 * (shifts**2).sum(1, keepdim=True)
     disp = shifts[flat.argmin(0)].T.reshape(1, 3, *n)
+    norms = (shifts**2).sum(1, keepdim=True)
     for w in coupling:
         smooth = _smooth_field(disp, weight).reshape(3, -1)
-        penalty = ((shifts[:, :, None] - smooth[None]) ** 2).sum(1)
+        # |s - v|^2 = |s|^2 - 2 s.v + |v|^2, and |v|^2 does not change the argmin: one matrix product
+        penalty = norms - 2.0 * (shifts @ smooth)
         disp = shifts[(flat + w * penalty).argmin(0)].T.reshape(1, 3, *n)
     return _smooth_field(disp, weight)
 
@@ -199,9 +212,10 @@ class DiscreteResult:
     valid_points: int  # coarse points inside both supports (before the consistency filter)
 
 
-def discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, settings: CorrectionSettings) -> DiscreteResult:
+def discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm: float,
+                             settings: CorrectionSettings) -> DiscreteResult:
     """Coarse correspondences from the discrete search, both ways, kept where they agree."""
-    step = settings.grid_step
+    step = settings.step(spacing_mm)
     f = F.avg_pool3d(fix_feat, step, stride=step)
     m = F.avg_pool3d(mov_feat, step, stride=step)
     fv = F.avg_pool3d(fix_mask, step, stride=step)
@@ -263,18 +277,48 @@ def _normalised(pos: torch.Tensor, shape) -> torch.Tensor:
     return pos * torch.tensor([2.0 / (i - 1), 2.0 / (j - 1), 2.0 / (k - 1)]) - 1.0
 
 
-def sampled_distance(fix_values: torch.Tensor, points: torch.Tensor, mov, mov_mask, matrix: torch.Tensor,
+def sampling_stack(mov: torch.Tensor, mov_mask: torch.Tensor) -> torch.Tensor:
+    """The moving features and support with their spatial derivatives (central differences,
+    voxel units), as one (1, 4 (C + 1), k, j, i) tensor for `_SampleWithGradient`."""
+    values = torch.cat([mov, mov_mask], 1)
+    padded = F.pad(values, (1,) * 6, mode="replicate")
+    k, j, i = values.shape[2:]
+    d_i = (padded[:, :, 1:-1, 1:-1, 2:] - padded[:, :, 1:-1, 1:-1, :-2]) / 2
+    d_j = (padded[:, :, 1:-1, 2:, 1:-1] - padded[:, :, 1:-1, :-2, 1:-1]) / 2
+    d_k = (padded[:, :, 2:, 1:-1, 1:-1] - padded[:, :, :-2, 1:-1, 1:-1]) / 2
+    gradients = torch.stack([d_i, d_j, d_k], 2).reshape(1, -1, k, j, i)  # (channel, axis) pairs
+    return torch.cat([values, gradients], 1)
+
+
+class _SampleWithGradient(torch.autograd.Function):
+    """Trilinear samples of a stack (values then their i, j, k derivatives) at positions (P, 3):
+    returns the values (C, P); the gradient with respect to the positions comes from the sampled
+    derivatives. CPU grid_sample's own backward costs ~40 ms a step here; this, one forward."""
+
+    @staticmethod
+    def forward(ctx, pos: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+        channels = stack.shape[1] // 4
+        grid = _normalised(pos, stack.shape[2:]).view(1, 1, 1, -1, 3)
+        sampled = F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True).view(4 * channels, -1)
+        ctx.save_for_backward(sampled[channels:].view(channels, 3, -1))
+        return sampled[:channels]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (derivatives,) = ctx.saved_tensors
+        return (grad_out[:, None, :] * derivatives).sum(0).T, None
+
+
+def sampled_distance(fix_values: torch.Tensor, points: torch.Tensor, stack: torch.Tensor, matrix: torch.Tensor,
                      outside_cost: float) -> torch.Tensor:
     """Mean squared MIND-SSC difference at `points` (P, 3) between the fixed features there
-    (C, P) and the moving ones at matrix(points). A point that the map sends out of the moving
-    support costs `outside_cost` (a poor match) instead of being dropped: a normalised mean over
-    the overlap alone would reward shrinking the overlap onto featureless tissue. Differentiable
-    in `matrix`."""
+    (C, P) and the moving ones at matrix(points) (`stack`: `sampling_stack` of the moving
+    features and support). A point that the map sends out of the moving support costs
+    `outside_cost` (a poor match) instead of being dropped: a normalised mean over the overlap
+    alone would reward shrinking the overlap onto featureless tissue. Differentiable in `matrix`."""
     pos = points @ matrix[:, :3].T + matrix[:, 3]
-    grid = _normalised(pos, mov.shape[2:]).view(1, 1, 1, -1, 3)
-    warped = F.grid_sample(mov, grid, mode="bilinear", padding_mode="zeros", align_corners=True).view(mov.shape[1], -1)
-    inside = F.grid_sample(mov_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=True).view(-1)
-    inside = inside.clamp(0.0, 1.0)
+    sampled = _SampleWithGradient.apply(pos, stack)
+    warped, inside = sampled[:-1], sampled[-1].clamp(0.0, 1.0)
     return (inside * ((fix_values - warped) ** 2).sum(0) + (1.0 - inside) * outside_cost).mean()
 
 
@@ -317,7 +361,13 @@ class Overlap:
         if len(self.points) == 0:
             return float("nan")
         with torch.no_grad():
-            return float(sampled_distance(self.values, self.points, mov, mov_mask, matrix.float(), self.outside_cost))
+            pos = self.points @ matrix[:, :3].T.float() + matrix[:, 3].float()
+            grid = _normalised(pos, mov.shape[2:]).view(1, 1, 1, -1, 3)
+            values = F.grid_sample(torch.cat([mov, mov_mask], 1), grid, mode="bilinear", padding_mode="zeros",
+                                   align_corners=True).view(mov.shape[1] + 1, -1)
+            inside = values[-1].clamp(0.0, 1.0)
+            cost = inside * ((self.values - values[:-1]) ** 2).sum(0) + (1.0 - inside) * self.outside_cost
+            return float(cost.mean())
 
 
 def _rotation(rotvec: torch.Tensor) -> torch.Tensor:
@@ -334,6 +384,7 @@ def refine_rigid(overlap: Overlap, mov, mov_mask, start: np.ndarray, centre: tor
     (3, 4) matrix (feature voxels)."""
     a0 = torch.from_numpy(start).float()
     sample = overlap.subset(settings.refine_points)
+    stack = sampling_stack(mov, mov_mask)
     rotvec = torch.zeros(3, requires_grad=True)
     shift_mm = torch.zeros(3, requires_grad=True)
 
@@ -346,7 +397,7 @@ def refine_rigid(overlap: Overlap, mov, mov_mask, start: np.ndarray, centre: tor
                             {"params": [shift_mm], "lr": settings.refine_lr_mm}])
     for _ in range(settings.refine_steps):
         opt.zero_grad()
-        sampled_distance(sample.values, sample.points, mov, mov_mask, matrix(), sample.outside_cost).backward()
+        sampled_distance(sample.values, sample.points, stack, matrix(), sample.outside_cost).backward()
         opt.step()
     with torch.no_grad():
         return matrix().double().numpy()
@@ -375,10 +426,10 @@ def correct_rigid(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm: float,
 
     timings = {}
     t0 = time.perf_counter()
-    corr = discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, settings)
+    corr = discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm, settings)
     timings["discrete"] = time.perf_counter() - t0
     identity = np.hstack([np.eye(3), np.zeros((3, 1))])
-    step_mm = settings.grid_step * spacing_mm
+    step_mm = settings.step(spacing_mm) * spacing_mm
     if len(corr.points) >= 6:
         p, q = corr.points.double().numpy(), corr.targets.double().numpy()
         fitted, residual = lts_rigid(p, q, settings.trim)
@@ -411,10 +462,10 @@ def feature_grid(region: Volume, pool: int) -> Volume:
     return grid_like(size, region.spacing * pool, origin, region.direction)
 
 
-def features(image: np.ndarray, mask: np.ndarray, settings: CorrectionSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def features(image: np.ndarray, mask: np.ndarray, pool: int, settings: CorrectionSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """MIND-SSC of an image on the region (k, j, i, float32 in [0, 1]) averaged over its support
     `mask` in pool^3 blocks, and the pooled mask (share of each block inside the support)."""
-    p = settings.feature_pool
+    p = pool
     img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     msk = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     inside = F.avg_pool3d(msk, p, stride=p)

@@ -194,7 +194,8 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     fixed = normalise(np.nan_to_num(fixed_values, nan=0.0), fixed_mask)
     if liver is not None:
         fixed_mask *= _dilated_mask(liver, region, settings.liver_margin_mm)
-    fix_feat, fix_mask = correction.features(fixed, fixed_mask, settings)
+    pool = settings.pool(float(region.spacing[0]))
+    fix_feat, fix_mask = correction.features(fixed, fixed_mask, pool, settings)
     starts = {"coarse": ([initial] if initial is not None else [],
                          linear_to_matrix(initial) if initial is not None else np.eye(4))}
     if network:
@@ -202,7 +203,7 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     moving = {}
     for name, (transforms, _) in starts.items():
         image, mask = _moving_on_region(us, region, sitk.CompositeTransform(transforms) if transforms else None)
-        moving[name] = correction.features(image, mask, settings)
+        moving[name] = correction.features(image, mask, pool, settings)
     # both starts scored on the same points: the fixed support inside either's moving support
     shared = correction.Overlap.build(fix_feat, fix_mask, list(moving.values()))
     identity = torch.from_numpy(np.hstack([np.eye(3), np.zeros((3, 1))]))
@@ -210,7 +211,7 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     timings["features"] = time.perf_counter() - t0
     # correct from every start and keep the answer the shared distance prefers: a network answer
     # slightly better than the coarse alignment can still be a worse place to search from
-    fg = correction.feature_grid(region, settings.feature_pool)
+    fg = correction.feature_grid(region, pool)
     answers = {}
     for name, (feat, mask) in moving.items():
         if np.isnan(distance[name]):
