@@ -24,9 +24,11 @@ found in the moving image resampled on the same grid). `fields.rigid_to_lps` tur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,8 +43,8 @@ class CorrectionSettings:
     """In the spirit of the published CuRIOUS / ReMIND2Reg recipe (MIND-SSC with a patch radius and
     dilation of a few millimetres, a discrete search on a coarse grid, an LTS rigid fit), in mm:
     features at about 1.2 mm whatever the region's spacing (a 0.5 mm brain region is averaged over
-    2^3 voxels, a 1.25 mm liver region is used as it is), a 6 mm search grid, a capture of
-    about +-30 mm. Chosen on synthetic liver patients and real US-US moves (benchmarks/)."""
+    2^3 voxels, a 1.25 mm liver region is used as it is), an 8 mm search grid, a capture of
+    about +-32 mm. Chosen on synthetic liver patients and real US-US moves (benchmarks/)."""
 
     def pool(self, region_spacing_mm: float) -> int:
         """Region voxels averaged per feature voxel (per axis)."""
@@ -55,8 +57,8 @@ class CorrectionSettings:
     feature_spacing_mm: float = 1.2  # the region is averaged over p^3 blocks to about this spacing before MIND-SSC
     mind_radius: int = 2  # patch radius of the self-similarity distances, feature voxels
     mind_dilation: int = 2  # distance of the six neighbours, feature voxels
-    grid_step_mm: float = 6.0  # control-point spacing of the discrete search (rounded to feature voxels)
-    half_width: int = 5  # discrete search range, in grid steps each way (capture ~ 6 mm x 5 = 30 mm)
+    grid_step_mm: float = 8.0  # control-point spacing of the discrete search (rounded to feature voxels)
+    half_width: int = 4  # discrete search range, in grid steps each way (capture ~ 8 mm x 4 = 32 mm)
     coupling: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # coupled-convex weights, rising
     consistency_voxels: float = 2.0  # forward/backward disagreement above which a point is not used (grid steps)
     trim: float = 0.5  # least-trimmed squares: share of points the fit keeps
@@ -277,31 +279,23 @@ def _normalised(pos: torch.Tensor, shape) -> torch.Tensor:
     return pos * torch.tensor([2.0 / (i - 1), 2.0 / (j - 1), 2.0 / (k - 1)]) - 1.0
 
 
-def sampling_stack(mov: torch.Tensor, mov_mask: torch.Tensor) -> torch.Tensor:
-    """The moving features and support with their spatial derivatives (central differences,
-    voxel units), as one (1, 4 (C + 1), k, j, i) tensor for `_SampleWithGradient`."""
-    values = torch.cat([mov, mov_mask], 1)
-    padded = F.pad(values, (1,) * 6, mode="replicate")
-    k, j, i = values.shape[2:]
-    d_i = (padded[:, :, 1:-1, 1:-1, 2:] - padded[:, :, 1:-1, 1:-1, :-2]) / 2
-    d_j = (padded[:, :, 1:-1, 2:, 1:-1] - padded[:, :, 1:-1, :-2, 1:-1]) / 2
-    d_k = (padded[:, :, 2:, 1:-1, 1:-1] - padded[:, :, :-2, 1:-1, 1:-1]) / 2
-    gradients = torch.stack([d_i, d_j, d_k], 2).reshape(1, -1, k, j, i)  # (channel, axis) pairs
-    return torch.cat([values, gradients], 1)
+_DIFFERENCE_STEPS = torch.tensor([[0.5, 0, 0], [-0.5, 0, 0], [0, 0.5, 0], [0, -0.5, 0], [0, 0, 0.5], [0, 0, -0.5]])
 
 
 class _SampleWithGradient(torch.autograd.Function):
-    """Trilinear samples of a stack (values then their i, j, k derivatives) at positions (P, 3):
-    returns the values (C, P); the gradient with respect to the positions comes from the sampled
-    derivatives. CPU grid_sample's own backward costs ~40 ms a step here; this, one forward."""
+    """Trilinear samples of a (1, C, k, j, i) image at positions (P, 3) (voxels, i, j, k) with
+    the gradient with respect to the positions from central differences half a voxel either side,
+    sampled the same way: seven small grid_samples at the points instead of CPU grid_sample's own
+    backward, which costs ~40 ms a step here."""
 
     @staticmethod
-    def forward(ctx, pos: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
-        channels = stack.shape[1] // 4
-        grid = _normalised(pos, stack.shape[2:]).view(1, 1, 1, -1, 3)
-        sampled = F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True).view(4 * channels, -1)
-        ctx.save_for_backward(sampled[channels:].view(channels, 3, -1))
-        return sampled[:channels]
+    def forward(ctx, pos: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        where = torch.cat([pos[None], pos[None] + _DIFFERENCE_STEPS[:, None, :]], 0).reshape(-1, 3)
+        grid = _normalised(where, image.shape[2:]).view(1, 1, 1, -1, 3)
+        sampled = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        sampled = sampled.view(image.shape[1], 7, -1)
+        ctx.save_for_backward(sampled[:, 1::2] - sampled[:, 2::2])  # (C, 3, P): d/di, d/dj, d/dk
+        return sampled[:, 0]
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -312,8 +306,8 @@ class _SampleWithGradient(torch.autograd.Function):
 def sampled_distance(fix_values: torch.Tensor, points: torch.Tensor, stack: torch.Tensor, matrix: torch.Tensor,
                      outside_cost: float) -> torch.Tensor:
     """Mean squared MIND-SSC difference at `points` (P, 3) between the fixed features there
-    (C, P) and the moving ones at matrix(points) (`stack`: `sampling_stack` of the moving
-    features and support). A point that the map sends out of the moving support costs
+    (C, P) and the moving ones at matrix(points) (`stack`: the moving features with the moving
+    support as a last channel). A point that the map sends out of the moving support costs
     `outside_cost` (a poor match) instead of being dropped: a normalised mean over the overlap
     alone would reward shrinking the overlap onto featureless tissue. Differentiable in `matrix`."""
     pos = points @ matrix[:, :3].T + matrix[:, 3]
@@ -330,6 +324,7 @@ class Overlap:
     points: torch.Tensor  # (P, 3) feature voxel positions (i, j, k)
     values: torch.Tensor  # (C, P) fixed features there
     outside_cost: float
+    LIMIT: ClassVar[int] = 65536  # points scored at most
 
     @classmethod
     def build(cls, fix, fix_mask, movings: list[tuple[torch.Tensor, torch.Tensor]]) -> Overlap:
@@ -339,6 +334,9 @@ class Overlap:
         for _, mask in movings:
             inside |= support & (mask[0, 0] > 0.99)
         k, j, i = torch.nonzero(inside, as_tuple=True)
+        if len(k) > cls.LIMIT:  # a fixed subset, in memory order: scores to ~1e-3, at a fraction of the cost
+            keep = torch.randperm(len(k), generator=torch.Generator().manual_seed(0))[:cls.LIMIT].sort().values
+            k, j, i = k[keep], j[keep], i[keep]
         values = fix[0][:, k, j, i]
         distances = [((values - mov[0][:, k, j, i]) ** 2).sum(0)[mask[0, 0, k, j, i] > 0.99] for mov, mask in movings]
         pooled = torch.cat(distances)[:100_000]
@@ -354,6 +352,7 @@ class Overlap:
         if len(self.points) <= limit:
             return self
         pick = torch.randperm(len(self.points), generator=torch.Generator().manual_seed(seed))[:limit]
+        pick = pick.sort().values  # in memory order: the samples stay near each other in the image's cache
         return Overlap(self.points[pick], self.values[:, pick], self.outside_cost)
 
     def distance(self, mov, mov_mask, matrix: torch.Tensor) -> float:
@@ -384,7 +383,7 @@ def refine_rigid(overlap: Overlap, mov, mov_mask, start: np.ndarray, centre: tor
     (3, 4) matrix (feature voxels)."""
     a0 = torch.from_numpy(start).float()
     sample = overlap.subset(settings.refine_points)
-    stack = sampling_stack(mov, mov_mask)
+    stack = torch.cat([mov, mov_mask], 1)
     rotvec = torch.zeros(3, requires_grad=True)
     shift_mm = torch.zeros(3, requires_grad=True)
 
@@ -398,62 +397,100 @@ def refine_rigid(overlap: Overlap, mov, mov_mask, start: np.ndarray, centre: tor
     # Adam's steps stay near the learning rate whatever the gradient, so its precision is the
     # rate's: a cosine decay to zero lets it settle (0.3-0.6 mm left on real US-US without it)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.refine_steps)
-    for _ in range(settings.refine_steps):
-        opt.zero_grad()
-        sampled_distance(sample.values, sample.points, stack, matrix(), sample.outside_cost).backward()
-        opt.step()
-        schedule.step()
+    with _one_thread():  # a few thousand samples a step: a second thread costs more than it brings
+        for _ in range(settings.refine_steps):
+            opt.zero_grad()
+            sampled_distance(sample.values, sample.points, stack, matrix(), sample.outside_cost).backward()
+            opt.step()
+            schedule.step()
     with torch.no_grad():
         return matrix().double().numpy()
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one intra-op thread inside the block (measured here: a refinement step's backward
+    took 40 ms on two threads, 0.5 ms on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- the stage
 
+_IDENTITY = np.hstack([np.eye(3), np.zeros((3, 1))])
+
+
 @dataclasses.dataclass
-class RigidCorrection:
-    matrix_ijk: np.ndarray  # (3, 4) on the region grid's voxels: fixed voxel -> moving voxel
-    distance_before: float  # feature distance at the identity (the start)
-    distance_after: float  # at the correction (<= before: never worse)
+class RobustFit:
+    matrix_ijk: np.ndarray  # (3, 4) on feature voxels: fixed voxel -> moving voxel (identity: no fit)
     inlier_share: float  # share of consistent coarse points within the inlier distance of the fit
     points: int  # consistent coarse points used by the fit
     consistency_mm: float  # median forward/backward disagreement of those points
-    rejected: bool  # the correction scored worse than its start, so the start was kept
+
+
+def robust_fit(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm: float, settings: CorrectionSettings) -> RobustFit:
+    """Discrete search both ways, consistent correspondences, least-trimmed-squares rigid fit."""
+    corr = discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm, settings)
+    if len(corr.points) < 6:  # too few consistent correspondences to fit anything
+        return RobustFit(_IDENTITY, 0.0, len(corr.points), float("nan"))
+    fitted, residual = lts_rigid(corr.points.double().numpy(), corr.targets.double().numpy(), settings.trim)
+    step_mm = settings.step(spacing_mm) * spacing_mm
+    return RobustFit(fitted, float(np.mean(residual * spacing_mm < settings.inlier_steps * step_mm)),
+                     len(corr.points), float(np.median(corr.consistency.numpy())) * spacing_mm)
+
+
+@dataclasses.dataclass
+class RigidAnswer:
+    start: str  # the start the answer composes with
+    matrix_ijk: np.ndarray  # (3, 4) on feature voxels, applied before that start
+    distances: dict[str, float]  # MIND-SSC distance of each start as it lies (shared points)
+    distance_after: float  # of the answer (<= the best start's: never worse)
+    fit: RobustFit  # the chosen start's robust fit
+    corrected_from: dict[str, float]  # the distance each start's robust fit reached
+    rejected: bool  # nothing beat the best start, which is returned unchanged
     timings: dict
 
 
-def correct_rigid(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm: float,
-                  settings: CorrectionSettings = CorrectionSettings()) -> RigidCorrection:
-    """The correction of a moving image already resampled on the fixed grid (through the start
-    transform): discrete search + consistency + LTS rigid fit, then rigid refinement. The result
-    is kept only if it lowers the feature distance; otherwise the identity is returned."""
+def correct(fix_feat, fix_mask, movings: dict[str, tuple[torch.Tensor, torch.Tensor]], spacing_mm: float,
+            settings: CorrectionSettings = CorrectionSettings()) -> RigidAnswer | None:
+    """The correction of moving images already resampled on the fixed grid through different
+    starts (`movings`: name -> (features, support)): every start is scored as it lies and after
+    its robust fit, on the same fixed points; the best of these is refined; the answer is kept
+    only if it lowers the distance below the best start's, otherwise that start is returned
+    unchanged. None when no start overlaps the fixed support."""
     import time
 
-    timings = {}
     t0 = time.perf_counter()
-    corr = discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm, settings)
-    timings["discrete"] = time.perf_counter() - t0
-    identity = np.hstack([np.eye(3), np.zeros((3, 1))])
-    step_mm = settings.step(spacing_mm) * spacing_mm
-    if len(corr.points) >= 6:
-        p, q = corr.points.double().numpy(), corr.targets.double().numpy()
-        fitted, residual = lts_rigid(p, q, settings.trim)
-        inlier_share = float(np.mean(residual * spacing_mm < settings.inlier_steps * step_mm))
-        consistency = float(np.median(corr.consistency.numpy())) * spacing_mm
-    else:  # too few consistent correspondences: refine from the start alone
-        fitted, inlier_share, consistency = identity, 0.0, float("nan")
+    shared = Overlap.build(fix_feat, fix_mask, list(movings.values()))
+    identity = torch.from_numpy(_IDENTITY)
+    distances = {name: shared.distance(feat, mask, identity) for name, (feat, mask) in movings.items()}
+    usable = [name for name in movings if np.isfinite(distances[name])]
+    if not usable:
+        return None
+    fits = {}
+    for name in usable:
+        feat, mask = movings[name]
+        fits[name] = robust_fit(fix_feat, feat, fix_mask, mask, spacing_mm, settings)
+    corrected_from = {name: shared.distance(*movings[name], torch.from_numpy(fits[name].matrix_ijk)) for name in usable}
     t1 = time.perf_counter()
-    overlap = Overlap.at_start(fix_feat, mov_feat, fix_mask, mov_mask)
-    d_start = overlap.distance(mov_feat, mov_mask, torch.from_numpy(identity))
-    d_fit = overlap.distance(mov_feat, mov_mask, torch.from_numpy(fitted))
-    # the refinement starts from whichever is better: the robust fit or the start itself
-    start = fitted if d_fit <= d_start else identity
-    centre = overlap.points.mean(0) if len(overlap.points) else torch.zeros(3)
-    refined = refine_rigid(overlap, mov_feat, mov_mask, start, centre, spacing_mm, settings)
-    d_after = overlap.distance(mov_feat, mov_mask, torch.from_numpy(refined))
-    timings["refine"] = time.perf_counter() - t1
-    rejected = not d_after < d_start
-    return RigidCorrection(identity if rejected else refined, d_start, min(d_after, d_start), inlier_share,
-                           len(corr.points), consistency, rejected, timings)
+    candidates = [(distances[n], n, _IDENTITY) for n in usable] + [(corrected_from[n], n, fits[n].matrix_ijk) for n in usable]
+    best, start, matrix = min(candidates, key=lambda c: c[0])
+    centre = shared.points.mean(0) if len(shared.points) else torch.zeros(3)
+    refined = refine_rigid(shared, *movings[start], matrix, centre, spacing_mm, settings)
+    refined_distance = shared.distance(*movings[start], torch.from_numpy(refined))
+    if refined_distance < best:
+        best, matrix = refined_distance, refined
+    t2 = time.perf_counter()
+    best_start = min(usable, key=lambda n: distances[n])
+    rejected = not best < distances[best_start]
+    if rejected:
+        start, matrix, best = best_start, _IDENTITY, distances[best_start]
+    return RigidAnswer(start, matrix, distances, best, fits[start], corrected_from, rejected,
+                      {"discrete": t1 - t0, "refine": t2 - t1})
 
 
 # ---------------------------------------------------------------- on volumes
@@ -474,4 +511,17 @@ def features(image: np.ndarray, mask: np.ndarray, pool: int, settings: Correctio
     msk = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     inside = F.avg_pool3d(msk, p, stride=p)
     pooled = F.avg_pool3d(img * msk, p, stride=p) / inside.clamp_min(1e-6)
-    return mind_ssc(pooled, settings.mind_radius, settings.mind_dilation), inside
+    out = torch.zeros((1, 12) + pooled.shape[2:])
+    if not bool((inside > 0).any()):
+        return out, inside
+    # MIND-SSC only over the support's box (and the reach of its patches): a US fan or a liver
+    # fills a fraction of the cube, and the descriptor costs per voxel
+    reach = settings.mind_radius + 2 * settings.mind_dilation
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        used = torch.nonzero((inside[0, 0] > 0).any(dim=other[1]).any(dim=other[0])).view(-1)
+        box.append(slice(max(0, int(used[0]) - reach), int(used[-1]) + 1 + reach))
+    crop = (slice(None), slice(None), *box)
+    out[crop] = mind_ssc(pooled[crop], settings.mind_radius, settings.mind_dilation)
+    return out, inside

@@ -124,6 +124,33 @@ class Registration:
         return paths
 
 
+def overlay_picture(result: Registration, mr: Volume, us: Volume, initial: sitk.Transform | None = None) -> np.ndarray:
+    """RGB uint8 overlay (`overlay.overlay_panel`): the MR with the US as coarsely aligned, through
+    the network, and corrected, on the registration region (the network's grid with --fast),
+    each row captioned with its MIND-SSC distance where the correction measured one."""
+    from MRUSFusionLib.overlay import overlay_panel
+
+    grid = result.correction.region if result.correction is not None else result.grid
+    fixed_values = resample_to_grid(mr.with_array(mr.array.astype(np.float32, copy=False)), grid,
+                                    default_value=np.nan).array
+    fixed = normalise(np.nan_to_num(fixed_values, nan=0.0), np.isfinite(fixed_values))
+    report = result.correction.report if result.correction is not None else {}
+
+    def caption(stage: str, key: str) -> str:
+        return f"{stage}: MIND-SSC distance {report[key]:.3f}" if np.isfinite(report.get(key, np.nan)) else stage
+
+    rows = []
+    for stage, key, transform in (("before (coarse alignment)", "mind_ssc_coarse", initial),
+                                  ("network", "mind_ssc_network", result.network_transform())):
+        image, mask = _moving_on_region(us, grid, transform)
+        rows.append((caption(stage, key), image, mask))
+    if result.correction is not None:
+        c = result.correction
+        rows.append((f"{caption('corrected from the ' + c.start, 'mind_ssc_after')}, "
+                     f"{100 * report['inlier_share']:.0f}% inliers", c.warped, (c.warped > 0).astype(np.float32)))
+    return overlay_panel(fixed, rows)
+
+
 def run_network(model: LoadedModel, pair: FusionPair) -> tuple[tuple[torch.Tensor, ...], float]:
     """One forward pass on a preprocessed pair; returns CPU tensors and its wall time (s)."""
     fixed = torch.from_numpy(pair.fixed)[None, None]
@@ -204,47 +231,30 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     for name, (transforms, _) in starts.items():
         image, mask = _moving_on_region(us, region, sitk.CompositeTransform(transforms) if transforms else None)
         moving[name] = correction.features(image, mask, pool, settings)
-    # both starts scored on the same points: the fixed support inside either's moving support
-    shared = correction.Overlap.build(fix_feat, fix_mask, list(moving.values()))
-    identity = torch.from_numpy(np.hstack([np.eye(3), np.zeros((3, 1))]))
-    distance = {name: shared.distance(feat, mask, identity) for name, (feat, mask) in moving.items()}
     timings["features"] = time.perf_counter() - t0
-    # correct from every start and keep the answer the shared distance prefers: a network answer
-    # slightly better than the coarse alignment can still be a worse place to search from
     fg = correction.feature_grid(region, pool)
-    answers = {}
-    for name, (feat, mask) in moving.items():
-        if np.isnan(distance[name]):
-            continue
-        rigid = correction.correct_rigid(fix_feat, feat, fix_mask, mask, float(fg.spacing[0]), settings)
-        for key, value in rigid.timings.items():
-            timings[key] = timings.get(key, 0.0) + value
-        answers[name] = (shared.distance(feat, mask, torch.from_numpy(rigid.matrix_ijk)), rigid)
-    if not answers:
+    answer = correction.correct(fix_feat, fix_mask, moving, float(fg.spacing[0]), settings)
+    if answer is None:
         raise InputError("the US data and the MR do not overlap in the registration region")
-    start = min(answers, key=lambda name: answers[name][0])
-    after, rigid = answers[start]
-    best_start = min(answers, key=lambda name: distance[name])
-    if not after <= distance[best_start]:  # never worse than the better start, by the shared measure
-        start, after = best_start, distance[best_start]
-        rigid = dataclasses.replace(answers[start][1], matrix_ijk=np.hstack([np.eye(3), np.zeros((3, 1))]),
-                                    rejected=True)
-    matrix_lps = linear_to_matrix(fields.rigid_to_lps(rigid.matrix_ijk, fg))
+    timings.update(answer.timings)
+    start, rigid = answer.start, answer.fit
+    matrix_lps = linear_to_matrix(fields.rigid_to_lps(answer.matrix_ijk, fg))
     transforms, linear = starts[start]
     final = sitk.CompositeTransform([*transforms, matrix_to_affine(matrix_lps)])
     warped, _ = _moving_on_region(us, region, final)
     disagreement = (_mean_distance(final, sitk.CompositeTransform(network), region, fixed_mask)
                     if network else float("nan"))
+    distance = answer.distances
     report = {
         "start": start,
         "mind_ssc_coarse": distance["coarse"], "mind_ssc_network": distance.get("network", float("nan")),
-        "mind_ssc_before": min(distance.values()), "mind_ssc_after": after,
-        "mind_ssc_corrected_from": {name: answer[0] for name, answer in answers.items()},
+        "mind_ssc_before": min(d for d in distance.values() if np.isfinite(d)), "mind_ssc_after": answer.distance_after,
+        "mind_ssc_robust_fit_from": answer.corrected_from,
         "inlier_share": rigid.inlier_share, "correspondences": rigid.points,
         "consistency_mm": rigid.consistency_mm, "network_disagreement_mm": disagreement,
         "flags": [flag for flag, on in (
             ("network_worse_than_coarse", bool(network) and distance.get("network", np.inf) > distance["coarse"]),
-            ("correction_rejected", rigid.rejected),
+            ("correction_rejected", answer.rejected),
             (f"disagrees_with_network_over_{settings.disagreement_mm:g}mm", disagreement > settings.disagreement_mm),
             ("few_inliers", rigid.inlier_share < settings.min_inlier_share)) if on],
     }
