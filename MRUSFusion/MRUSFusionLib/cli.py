@@ -186,7 +186,8 @@ def _register(args) -> int:
     import SimpleITK as sitk
 
     from deepnav.imaging import read_volume
-    from MRUSFusionLib.registration import register
+    from MRUSFusionLib.overlay import write_png
+    from MRUSFusionLib.registration import overlay_picture, register
 
     model = _load(args)
     mr = read_volume(args.mr, what="MR")
@@ -198,10 +199,11 @@ def _register(args) -> int:
         except RuntimeError as exc:
             raise InputError(f"cannot read transform {args.initial}") from exc
     for n, us_path in enumerate(args.us):
-        result = register(model, mr, read_volume(us_path, what="US volume"), liver=liver, initial=initial,
-                          correct=not args.fast)
+        us = read_volume(us_path, what="US volume")
+        result = register(model, mr, us, liver=liver, initial=initial, correct=not args.fast)
         out = args.out if len(args.us) == 1 else args.out / f"frame{n:02d}"
         paths = result.write(out)
+        paths["overlay"] = write_png(overlay_picture(result, mr, us, initial), out / "overlay.png")
         # quality(): MIND (radius 1, 2 mm) and folding of the network's answer on its own grid
         quality = result.quality()
         record = {"us": str(us_path), "stage": result.stage, "timings_s": result.timings,

@@ -55,13 +55,13 @@ def run_demo(model: LoadedModel, out_dir: Path, *, frames: int = 24, rate_hz: fl
         row = {"frame": frame.index, "volume": order[frame.source], "end_to_end_s": frame.end_to_end_s,
                "timings_s": frame.report["timings_s"], "folding_percent": frame.report.get("folding_percent"),
                "geometry_error": _geometry_error(frame.report["input"], volume)}
-        if DEVICE_WARPED in frame.messages:
-            picture = out_dir / f"overlay_frame{frame.index:03d}.png"
-            _write_overlay(processor, volume, frame.messages[DEVICE_WARPED], picture)
-            row["overlay"] = picture.name
-            pictures_written.append(picture)
         if source["truth"] is not None and DEVICE_FIELD in frame.messages:
             row.update(_landmark_errors(source, order[frame.source], frame.messages[DEVICE_FIELD]))
+        if DEVICE_WARPED in frame.messages:
+            picture = out_dir / f"overlay_frame{frame.index:03d}.png"
+            _write_overlay(processor, volume, frame.messages[DEVICE_WARPED], picture, row)
+            row["overlay"] = picture.name
+            pictures_written.append(picture)
         rows.append(row)
     summary = latency_summary(run)
     geometry = [r["geometry_error"] for r in rows]
@@ -105,13 +105,22 @@ def _geometry_error(received: dict, sent: Volume) -> dict:
     return {"intact": intact, "origin_mm": origin, "spacing_mm": spacing, "direction": direction}
 
 
-def _write_overlay(processor: FusionProcessor, us: Volume, warped_message, path: Path) -> None:
+def _write_overlay(processor: FusionProcessor, us: Volume, warped_message, path: Path, row: dict) -> None:
+    """Before and after (the warped US as received), captioned with the landmark errors when the
+    truth is known."""
     pair = prepare_pair(processor.mr, us, grid=processor.grid, fixed=processor.fixed)  # the MR is prepared once
     warped = msgs.image_to_volume(warped_message, "warped US")
     if not warped.same_grid(pair.grid):  # the service sends it on the registration grid; be safe
         warped = resample_to_grid(warped.with_array(warped.array.astype(np.float32)), pair.grid)
     after = warped.array.astype(np.float32) / 255.0
-    write_png(overlay_panel(pair.fixed, pair.moving, after, pair.fov), path)
+
+    def caption(stage: str, key: str) -> str:
+        error = f": median landmark error {row[key]:.1f} mm" if key in row else ""
+        return f"frame {row['frame']}, {stage}{error}"
+
+    rows = [(caption("before registration", "tre_before_mm"), pair.moving, pair.fov),
+            (caption("network", "tre_after_mm"), after, (after > 0).astype(np.float32))]
+    write_png(overlay_panel(pair.fixed, rows), path)
 
 
 def _landmark_errors(source: dict, volume_index: int, field_message) -> dict:

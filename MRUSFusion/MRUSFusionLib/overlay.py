@@ -1,5 +1,6 @@
-"""Overlay pictures: MR slices in grey with the US in colour on top, before and after
-registration, in the three orientations, in radiological display convention.
+"""Overlay pictures: MR slices in grey with their edges in cyan and the US in orange at a moderate
+opacity, one labelled row per stage (before / network / corrected), in the three orientations,
+in radiological display convention.
 
 The fusion grid's axes are the MR's axes (close to L, P, S): axial slices show patient left on
 the right of the picture and anterior at the top; coronal and sagittal slices show superior at
@@ -24,12 +25,33 @@ def _colourise(values: np.ndarray) -> np.ndarray:
     return _US_RGB[lo] * (1 - frac) + _US_RGB[lo + 1] * frac
 
 
-def blend(mr: np.ndarray, us: np.ndarray, fov: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """2D slices in [0, 1] -> RGB uint8; the US shown only inside its field of view."""
+def blend(mr: np.ndarray, us: np.ndarray, fov: np.ndarray, edges: np.ndarray | None = None,
+          alpha: float = 0.4) -> np.ndarray:
+    """2D slices in [0, 1] -> RGB uint8: the US at a moderate opacity inside its field of view,
+    so the MR stays visible under it, and the MR's edges drawn over both in cyan."""
     grey = np.repeat(mr[..., None], 3, axis=-1)
     a = alpha * (fov > 0)[..., None]
     rgb = grey * (1 - a) + _colourise(us) * a
+    if edges is not None:
+        rgb[edges] = rgb[edges] * 0.2 + np.array([0.0, 0.9, 1.0]) * 0.8
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def mr_edges(mr_slice: np.ndarray, share: float = 0.07) -> np.ndarray:
+    """The strongest edges of an MR slice (the top `share` of its gradient magnitude, thinned to
+    the local maxima across the edge): organ outlines and vessel walls, one or two pixels wide."""
+    gy, gx = np.gradient(mr_slice.astype(np.float32))
+    magnitude = np.hypot(gx, gy)
+    if not np.any(magnitude > 0):
+        return np.zeros(mr_slice.shape, bool)
+    strong = magnitude >= np.quantile(magnitude, 1.0 - share)
+    # keep a pixel only where its magnitude is not exceeded by a neighbour across the edge
+    horizontal = np.abs(gx) >= np.abs(gy)
+    padded = np.pad(magnitude, 1, mode="edge")
+    left, right = padded[1:-1, :-2], padded[1:-1, 2:]
+    up, down = padded[:-2, 1:-1], padded[2:, 1:-1]
+    peak = np.where(horizontal, (magnitude >= left) & (magnitude >= right), (magnitude >= up) & (magnitude >= down))
+    return strong & peak
 
 
 def orthogonal_slices(volume: np.ndarray, centre_kji: tuple[int, int, int]) -> list[np.ndarray]:
@@ -47,23 +69,50 @@ def _pad_to(img: np.ndarray, height: int) -> np.ndarray:
     return out
 
 
-def overlay_panel(mr: np.ndarray, us_before: np.ndarray, us_after: np.ndarray, fov: np.ndarray,
+def text_strip(text: str, width: int, height: int = 18, size: int = 13) -> np.ndarray:
+    """A white strip (height x width RGB uint8) with `text` in black, rendered by VTK's FreeType
+    text renderer (VTK is already a dependency and is part of Slicer; no plotting library)."""
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    strip = np.full((height, width, 3), 255, np.uint8)
+    prop = vtk.vtkTextProperty()
+    prop.SetFontSize(size)
+    prop.SetColor(0.0, 0.0, 0.0)
+    prop.SetBackgroundOpacity(0.0)
+    image, dims = vtk.vtkImageData(), [0, 0]
+    if not text or not vtk.vtkTextRenderer().RenderString(prop, text, image, dims, 72):
+        return strip
+    nx, ny, _ = image.GetDimensions()
+    rgba = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(ny, nx, -1)[::-1]  # VTK rows go up
+    coverage = rgba[: dims[1], : dims[0], 3].astype(np.float32) / 255.0
+    h, w = min(coverage.shape[0], height - 2), min(coverage.shape[1], width - 4)
+    top = (height - h) // 2
+    region = strip[top: top + h, 4: 4 + w].astype(np.float32)
+    strip[top: top + h, 4: 4 + w] = (region * (1.0 - coverage[:h, :w, None])).astype(np.uint8)
+    return strip
+
+
+def overlay_panel(mr: np.ndarray, rows: list[tuple[str, np.ndarray, np.ndarray]],
                   centre_kji: tuple[int, int, int] | None = None) -> np.ndarray:
-    """Rows: before, after registration; columns: axial, coronal, sagittal. RGB uint8."""
+    """One labelled row per (caption, US volume, its data extent), all on the MR's (k, j, i) grid:
+    axial, coronal and sagittal slices through the centre of the first row's data, the MR in grey
+    with its edges in cyan, the US in orange over it. RGB uint8."""
+    first_extent = rows[0][2]
     if centre_kji is None:
-        centre_kji = tuple(int(c) for c in np.array(np.nonzero(fov)).mean(axis=1)) if fov.any() else \
-            tuple(n // 2 for n in mr.shape)
-    rows = []
-    # after registration the US has moved: its data covers where the warped image is non-zero
-    for us, extent in ((us_before, fov), (us_after, (us_after > 0).astype(np.float32))):
-        tiles = [blend(m, u, f) for m, u, f in zip(orthogonal_slices(mr, centre_kji),
-                                                   orthogonal_slices(us, centre_kji),
-                                                   orthogonal_slices(extent, centre_kji), strict=True)]
+        centre_kji = tuple(int(c) for c in np.array(np.nonzero(first_extent)).mean(axis=1)) if first_extent.any() \
+            else tuple(n // 2 for n in mr.shape)
+    mr_slices = orthogonal_slices(mr, centre_kji)
+    edges = [mr_edges(m) for m in mr_slices]
+    out = []
+    for caption, us, extent in rows:
+        tiles = [blend(m, u, f, e) for m, u, f, e in zip(mr_slices, orthogonal_slices(us, centre_kji),
+                                                         orthogonal_slices(extent, centre_kji), edges, strict=True)]
         height = max(t.shape[0] for t in tiles)
         gap = np.full((height, 4, 3), 255, np.uint8)
-        rows.append(np.concatenate(sum(([_pad_to(t, height), gap] for t in tiles), [])[:-1], axis=1))
-    gap = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
-    return np.concatenate([rows[0], gap, rows[1]], axis=0)
+        row = np.concatenate(sum(([_pad_to(t, height), gap] for t in tiles), [])[:-1], axis=1)
+        out += [text_strip(caption, row.shape[1]), row, np.full((4, row.shape[1], 3), 255, np.uint8)]
+    return np.concatenate(out[:-1], axis=0)
 
 
 def write_png(rgb: np.ndarray, path: Path, scale: int = 2) -> Path:
