@@ -42,6 +42,8 @@ def test_register_writes_transforms_that_simpleitk_loads(patient_dir, tmp_path):
     moved = np.array(composite.TransformPoint(centre))
     assert np.linalg.norm(moved - centre) < 30  # a plausible displacement, in mm
     assert read_volume(out / "warped_us.nrrd").size_ijk == (128, 128, 128)
+    picture = sitk.ReadImage(str(out / "overlay.png"))  # before / network / corrected, three orientations
+    assert picture.GetNumberOfComponentsPerPixel() == 3 and picture.GetHeight() > picture.GetWidth() / 2
 
 
 def test_register_with_an_initial_transform_composes_it(patient_dir, tmp_path):

@@ -319,3 +319,46 @@ def test_serve_command_stops_cleanly_on_sigterm():
         proc.kill()
     assert proc.returncode == 0, out
     assert "1 frames registered" in out
+
+
+# -- the corrected result of a frame, after the network's ------------------------------------
+
+def test_a_correcting_service_sends_the_corrected_result_after_the_network_one(patient, shipped_model):
+    """Two sets of results for one frame, in order: the network's (report stage "network",
+    more_coming) then the corrected one (stage "corrected") on the registration region, whose
+    field maps points where the in-process correction does; a frame with a newer one waiting
+    gets no correction (latest-frame-only holds for the second stage)."""
+    from MRUSFusionLib.registration import register
+
+    processor = FusionProcessor(shipped_model, patient.mr, patient.liver, correct=True)
+    with FusionService(processor, port=0) as service:
+        reader = MessageReader(Connection.connect("127.0.0.1", service.port))
+        try:
+            stamp = time.time()
+            reader.conn.send(us_message(patient, stamp))
+            first = reader.wait_for(is_report, 60)
+            second = reader.wait_for(is_report, 120)
+            # two frames back to back: the first's correction gives way to the second frame
+            stamps = (time.time() + 1.0, time.time() + 2.0)
+            for s in stamps:
+                reader.conn.send(us_message(patient, s))
+            later = []
+            while not later or json.loads(later[-1].string)["stage"] != "corrected":
+                later += [m for m in reader.wait_for(is_report, 120) if is_report(m)]
+        finally:
+            reader.close()
+    network, corrected = json.loads(first[-1].string), json.loads(second[-1].string)
+    assert (network["stage"], network["more_coming"]) == ("network", True)
+    assert (corrected["stage"], corrected["more_coming"]) == ("corrected", False)
+    assert corrected["frame_id"] == network["frame_id"] and corrected["correction"]["mind_ssc_after"] <= \
+        corrected["correction"]["mind_ssc_before"]
+    by_device = {m.device_name: m for m in second}
+    local = register(shipped_model, patient.mr, patient.frames[0].image, liver=patient.liver)
+    field = displacement_transform(msgs.image_to_field(by_device[DEVICE_FIELD]))
+    points = patient.landmarks_lps[:6]
+    np.testing.assert_allclose(transform_points(field, points), transform_points(local.transform(), points), atol=0.05)
+    warped = msgs.image_to_volume(by_device[DEVICE_WARPED])
+    assert warped.same_grid(local.correction.region)
+    reports = [json.loads(m.string) for m in later]
+    assert [r["source_timestamp"] for r in reports if r["stage"] == "corrected"] == [pytest.approx(stamps[1], abs=1e-6)]
+    assert all(not r["more_coming"] for r in reports if r["source_timestamp"] == pytest.approx(stamps[0], abs=1e-6))

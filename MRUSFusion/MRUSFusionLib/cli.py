@@ -77,6 +77,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", metavar="HOST:PORT", help="connect out to a US source (e.g. a PLUS server) instead")
     p.add_argument("--us-device", action="append", metavar="NAME",
                    help="IMAGE device name(s) to register (default: any)")
+    p.add_argument("--correct", action="store_true",
+                   help="after each frame's network result, send its corrected result (MIND-SSC correction, "
+                        "~2-5 s on a CPU) unless a newer frame is waiting")
     p.add_argument("--echo", action="store_true", help="send each volume straight back (transport test)")
     p.add_argument("--max-frames", type=int, help="stop after this many registered frames")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -88,6 +91,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--us", type=Path, nargs="+", help="replay these US volumes instead of the synthetic patient")
     p.add_argument("--mr", type=Path, help="MR for --us (default: the first US volume is the reference)")
     p.add_argument("--liver", type=Path, help="liver mask on the --mr grid (centres the 128 mm region)")
+    p.add_argument("--correct", action="store_true", help="the service also sends each frame's corrected result")
     p.add_argument("--model", type=Path)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
@@ -254,7 +258,7 @@ def _serve(args) -> int:
             print_progress(0.0, f"no --mr: serving the built-in synthetic patient {DEMO_PATIENT_SEED}")
             patient = make_patient(DEMO_PATIENT_SEED, frames=1)  # the MR does not depend on the frames
             mr, liver = patient.mr, patient.liver
-        processor = FusionProcessor(model, mr, liver)
+        processor = FusionProcessor(model, mr, liver, correct=args.correct)
         print_progress(0.0, "warming up")
         processor.warm_up()
     service = FusionService(processor, host=args.host, port=args.port, devices=tuple(args.us_device or ()),
@@ -280,10 +284,12 @@ def _demo(args) -> int:
 
     model = _load(args)
     report = run_demo(model, args.out, frames=args.frames, rate_hz=args.rate, us_files=args.us, mr_file=args.mr,
-                      liver_file=args.liver)
+                      liver_file=args.liver, correct=args.correct)
     e2e = report["end_to_end_s"]
     print(f"{report['frames_completed']}/{report['frames']} frames fused, {report['dropped_frames']} dropped; "
           f"end to end p50 {e2e['p50'] * 1000:.0f} ms, p95 {e2e['p95'] * 1000:.0f} ms; "
+          + (f"corrected ({report['corrected_frames']} frames) p50 {report['corrected_end_to_end_s']['p50']:.1f} s; "
+             if report.get("corrected_frames") else "") +
           f"geometry intact: {report['geometry_intact']}")
     for row in report["per_frame"]:
         if "overlay" in row:

@@ -34,13 +34,14 @@ BREATHING_FRAMES = 8  # half a breathing cycle; the scanner plays it forth and b
 
 def run_demo(model: LoadedModel, out_dir: Path, *, frames: int = 24, rate_hz: float = 2.0,
              seed: int = DEMO_PATIENT_SEED, us_files: list[Path] | None = None, mr_file: Path | None = None,
-             liver_file: Path | None = None, pictures: int = 3, progress: ProgressCallback = print_progress) -> dict:
+             liver_file: Path | None = None, pictures: int = 3, correct: bool = False,
+             progress: ProgressCallback = print_progress) -> dict:
     source = _load_source(seed, us_files, mr_file, liver_file, progress)
     volumes = source["volumes"]
     order = _ping_pong(len(volumes))
     keep = set(np.linspace(0, frames - 1, min(pictures, frames)).round().astype(int).tolist())
 
-    processor = FusionProcessor(model, source["mr"], source["liver"])
+    processor = FusionProcessor(model, source["mr"], source["liver"], correct=correct)
     progress(0.0, f"warming up the model on {model.device}")
     processor.warm_up()
     with FusionService(processor, port=0) as service:
@@ -54,12 +55,13 @@ def run_demo(model: LoadedModel, out_dir: Path, *, frames: int = 24, rate_hz: fl
         volume = volumes[order[frame.source]]
         row = {"frame": frame.index, "volume": order[frame.source], "end_to_end_s": frame.end_to_end_s,
                "timings_s": frame.report["timings_s"], "folding_percent": frame.report.get("folding_percent"),
-               "geometry_error": _geometry_error(frame.report["input"], volume)}
+               "geometry_error": _geometry_error(frame.report["input"], volume),
+               "corrected_end_to_end_s": frame.corrected_end_to_end_s, "result_shown": frame.messages_stage}
         if source["truth"] is not None and DEVICE_FIELD in frame.messages:
             row.update(_landmark_errors(source, order[frame.source], frame.messages[DEVICE_FIELD]))
         if DEVICE_WARPED in frame.messages:
             picture = out_dir / f"overlay_frame{frame.index:03d}.png"
-            _write_overlay(processor, volume, frame.messages[DEVICE_WARPED], picture, row)
+            _write_overlay(processor, volume, frame.messages[DEVICE_WARPED], picture, row, frame.messages_stage)
             row["overlay"] = picture.name
             pictures_written.append(picture)
         rows.append(row)
@@ -105,9 +107,9 @@ def _geometry_error(received: dict, sent: Volume) -> dict:
     return {"intact": intact, "origin_mm": origin, "spacing_mm": spacing, "direction": direction}
 
 
-def _write_overlay(processor: FusionProcessor, us: Volume, warped_message, path: Path, row: dict) -> None:
-    """Before and after (the warped US as received), captioned with the landmark errors when the
-    truth is known."""
+def _write_overlay(processor: FusionProcessor, us: Volume, warped_message, path: Path, row: dict, stage: str) -> None:
+    """Before and after (the newest warped US received: the network's or the corrected one),
+    captioned with the landmark errors when the truth is known."""
     pair = prepare_pair(processor.mr, us, grid=processor.grid, fixed=processor.fixed)  # the MR is prepared once
     warped = msgs.image_to_volume(warped_message, "warped US")
     if not warped.same_grid(pair.grid):  # the service sends it on the registration grid; be safe
@@ -119,7 +121,7 @@ def _write_overlay(processor: FusionProcessor, us: Volume, warped_message, path:
         return f"frame {row['frame']}, {stage}{error}"
 
     rows = [(caption("before registration", "tre_before_mm"), pair.moving, pair.fov),
-            (caption("network", "tre_after_mm"), after, (after > 0).astype(np.float32))]
+            (caption(stage, "tre_after_mm"), after, (after > 0).astype(np.float32))]
     write_png(overlay_panel(pair.fixed, rows), path)
 
 

@@ -106,6 +106,14 @@ def displacement_to_image(disp_ijk: np.ndarray, grid: Volume, device: str, times
     return volume_to_image(vectors.reshape(*disp_ijk.shape[1:], 3), grid, device, timestamp)
 
 
+def field_image_to_message(field_lps: sitk.Image, grid: Volume, device: str, timestamp: float) -> pyigtl.ImageMessage:
+    """An LPS displacement image on `grid` (e.g. `fields.transform_to_field`) as the same
+    3-component RAS IMAGE as `displacement_to_image`: vectors in RAS mm, float32."""
+    vectors = sitk.GetArrayFromImage(field_lps).astype(np.float32)  # (k, j, i, 3) LPS
+    vectors[..., :2] *= -1.0  # L, P -> R, A
+    return volume_to_image(vectors, grid, device, timestamp)
+
+
 def image_to_field(message: pyigtl.ImageMessage) -> sitk.Image:
     """The inverse of `displacement_to_image`: a SimpleITK LPS displacement field (LPS vectors)."""
     if message.image.ndim != 4 or message.image.shape[3] != 3:

@@ -232,7 +232,9 @@ class RemoteRegistration(LiveRegistration):
         elif kind == ("STRING", DEVICE_REPORT):
             report = json.loads(message.string)
             with self._lock:
-                self._pending = {k: v for k, v in self._pending.items() if v is not entry}
+                # done with this frame unless its corrected result follows; older frames are done too
+                self._pending = {k: v for k, v in self._pending.items()
+                                 if (report.get("more_coming") if v is entry else k > message.timestamp)}
             self.device = f"{report.get('compute_device', '?')} (service at {self.address})"
             self.remote_dropped = int(report.get("frames_dropped", 0))
             self.quality = {k: report[k] for k in ("mind_before", "mind_after", "folding_percent") if k in report}

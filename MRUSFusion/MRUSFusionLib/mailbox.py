@@ -25,6 +25,11 @@ class LatestFrameMailbox:
             self._cond.notify()
             return replaced
 
+    def waiting(self, key) -> bool:
+        """Whether an item from `key` is waiting (a newer frame than the one being worked on)."""
+        with self._cond:
+            return key in self._slots
+
     def take(self, timeout: float):
         with self._cond:
             if not self._slots and not self._cond.wait(timeout):

@@ -137,17 +137,17 @@ def overlay_picture(result: Registration, mr: Volume, us: Volume, initial: sitk.
     report = result.correction.report if result.correction is not None else {}
 
     def caption(stage: str, key: str) -> str:
-        return f"{stage}: MIND-SSC distance {report[key]:.3f}" if np.isfinite(report.get(key, np.nan)) else stage
+        return f"{stage}: MIND-SSC {report[key]:.3f}" if np.isfinite(report.get(key, np.nan)) else stage
 
     rows = []
-    for stage, key, transform in (("before (coarse alignment)", "mind_ssc_coarse", initial),
+    for stage, key, transform in (("before (coarse)", "mind_ssc_coarse", initial),
                                   ("network", "mind_ssc_network", result.network_transform())):
         image, mask = _moving_on_region(us, grid, transform)
         rows.append((caption(stage, key), image, mask))
     if result.correction is not None:
         c = result.correction
-        rows.append((f"{caption('corrected from the ' + c.start, 'mind_ssc_after')}, "
-                     f"{100 * report['inlier_share']:.0f}% inliers", c.warped, (c.warped > 0).astype(np.float32)))
+        rows.append((f"{caption(f'corrected (from {c.start})', 'mind_ssc_after')}, {100 * report['inlier_share']:.0f}% inliers",
+                     c.warped, (c.warped > 0).astype(np.float32)))
     return overlay_panel(fixed, rows)
 
 

@@ -4,7 +4,9 @@ rate, as a real scanner (or PLUS) would, and collects what comes back.
 Each frame goes out with its own timestamp; the service echoes it on every answer, and its
 STRING report comes last. End to end is from sending a frame to receiving its last result
 message (what the surgeon sees: send, transport, queue, registration, results back); the
-report, with quality figures computed after the results went out, follows.
+report, with quality figures computed after the results went out, follows. A service that
+corrects sends a second set of results and a second report (stage "corrected") for the same
+frame, unless a newer frame was waiting; its latency is measured the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,23 @@ class SentFrame:
     results_at: float | None = None  # perf_counter when the last result message (image, transform) arrived
     done_at: float | None = None  # perf_counter when the report (sent after the results) arrived
     error: str | None = None
-    messages: dict = dataclasses.field(default_factory=dict)  # device -> message, for kept frames
+    messages: dict = dataclasses.field(default_factory=dict)  # device -> newest message, for kept frames
+    messages_stage: str = "network"  # the stage those messages are from
+    corrected_report: dict | None = None  # the second result of the frame, when the service sends one
+    corrected_results_at: float | None = None
+    corrected_at: float | None = None
+
+    @property
+    def more_coming(self) -> bool:
+        """The service said a corrected result of this frame follows, and it has not arrived."""
+        return bool(self.report and self.report.get("more_coming")) and self.corrected_at is None
+
+    @property
+    def corrected_end_to_end_s(self) -> float | None:
+        """Send to the corrected result received: when the display can show the corrected frame."""
+        if self.corrected_at is None:
+            return None
+        return (self.corrected_results_at or self.corrected_at) - self.sent_at
 
     @property
     def end_to_end_s(self) -> float | None:
@@ -92,13 +110,22 @@ def stream(host: str, port: int, volumes: Sequence[Volume], *, count: int, rate_
             elif frame is None:
                 continue
             elif message.message_type == "STRING" and message.device_name == DEVICE_REPORT:
-                frame.report, frame.done_at = json.loads(message.string), arrived
-                if progress:
-                    progress(frame)
+                report = json.loads(message.string)
+                if report.get("stage") == "corrected":
+                    frame.corrected_report, frame.corrected_at = report, arrived
+                else:
+                    frame.report, frame.done_at = report, arrived
+                    if progress:
+                        progress(frame)
             else:
-                frame.results_at = arrived
+                second = frame.report is not None  # after the first report: the corrected stage
+                if second:
+                    frame.corrected_results_at = arrived
+                else:
+                    frame.results_at = arrived
                 if keep(frame.index):
                     frame.messages[message.device_name] = message
+                    frame.messages_stage = "corrected" if second else "network"
 
     try:
         for index in range(count):
@@ -114,7 +141,8 @@ def stream(host: str, port: int, volumes: Sequence[Volume], *, count: int, rate_
             frame.send_s = time.perf_counter() - frame.sent_at
         # the last frame is never dropped (nothing replaces it): wait for its answer
         deadline = time.perf_counter() + settle_s
-        while frames and frames[-1].report is None and frames[-1].error is None and time.perf_counter() < deadline:
+        while frames and (frames[-1].report is None or frames[-1].more_coming) and frames[-1].error is None \
+                and time.perf_counter() < deadline:
             collect(0.2)
         collect(0.2)
     finally:
@@ -139,6 +167,8 @@ def latency_summary(run: StreamRun) -> dict:
             "errors": len(run.errors), "duration_s": run.duration_s,
             "throughput_hz": len(done) / run.duration_s if run.duration_s > 0 else 0.0,
             "end_to_end_s": percentiles([f.end_to_end_s for f in done]),
+            "corrected_frames": sum(f.corrected_at is not None for f in done),
+            "corrected_end_to_end_s": percentiles([f.corrected_end_to_end_s for f in done if f.corrected_at is not None]),
             "report_s": percentiles([f.report_s for f in done]),
             "send_s": percentiles([f.send_s for f in run.frames]),
             "stages_s": {name: percentiles(v) for name, v in stages.items()}}

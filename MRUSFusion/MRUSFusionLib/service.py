@@ -25,13 +25,14 @@ import numpy as np
 from deepnav.errors import InputError
 from deepnav.imaging import Volume, require_finite
 from deepnav.torch_runtime import describe_device
+from MRUSFusionLib import fields
 from MRUSFusionLib import igtl_messages as msgs
 from MRUSFusionLib.igtl_messages import DEVICE_ECHO, DEVICE_FIELD, DEVICE_REPORT, DEVICE_RIGID, DEVICE_WARPED
 from MRUSFusionLib.igtl_transport import Connection, ConnectionClosed, ProtocolError
 from MRUSFusionLib.mailbox import LatestFrameMailbox
 from MRUSFusionLib.model_io import LoadedModel
-from MRUSFusionLib.preprocess import fusion_grid, prepare_fixed
-from MRUSFusionLib.registration import Registration, register
+from MRUSFusionLib.preprocess import fusion_grid, prepare_fixed, registration_region
+from MRUSFusionLib.registration import Registration, correct_registration, register
 
 log = logging.getLogger("deepnav.fusion.service")
 
@@ -53,6 +54,8 @@ class Outcome:
     messages: list  # sent back at once
     timings_s: dict
     quality: Callable[[], dict] | None = None  # figures computed after the messages are out
+    stage: str = "network"  # what these results are, said in the report
+    follow_up: Callable[[], Outcome] | None = None  # a better result of the same frame, sent next
 
 
 class FrameProcessor(Protocol):
@@ -66,19 +69,20 @@ class FrameProcessor(Protocol):
 
 class FusionProcessor:
     """Registers each US frame to the MR with the cascade. The MR's share of preprocessing
-    (grid, resampling, normalisation) is done once, not per frame."""
+    (grid, resampling, normalisation) is done once, not per frame. With `correct`, the
+    correction stage follows each frame's network result as a second result of the same frame."""
 
     name = "fusion"
 
-    def __init__(self, model: LoadedModel, mr: Volume, liver: Volume | None = None):
+    def __init__(self, model: LoadedModel, mr: Volume, liver: Volume | None = None, correct: bool = False):
         require_finite(mr, "MR")
-        self.model, self.mr = model, mr
+        self.model, self.mr, self.liver, self.correct = model, mr, liver, correct
         self.device = describe_device(model.device)
         self.grid = fusion_grid(mr, liver)
         self.fixed = prepare_fixed(mr, self.grid)
 
     def register(self, us: Volume) -> Registration:
-        # the network alone: the correction stage is not streamed yet (a follow-up of issue 20)
+        """The network's result on the service's fixed grid (the MR prepared once)."""
         return register(self.model, self.mr, us, grid=self.grid, fixed=self.fixed, correct=False)
 
     def warm_up(self) -> None:
@@ -96,7 +100,26 @@ class FusionProcessor:
             msgs.transform_message(msgs.rigid_to_parent_ras(result.rigid_transform()), DEVICE_RIGID, ts),
             msgs.displacement_to_image(result.disp_ijk, result.grid, DEVICE_FIELD, ts),
         ]
-        return Outcome(messages, dict(result.timings, encode=time.perf_counter() - t0), result.quality)
+        follow_up = (lambda: self._corrected(frame, result)) if self.correct else None
+        return Outcome(messages, dict(result.timings, encode=time.perf_counter() - t0), result.quality,
+                       follow_up=follow_up)
+
+    def _corrected(self, frame: Frame, result: Registration) -> Outcome:
+        """The correction stage on the frame's registration region: warped US and field there."""
+        t0 = time.perf_counter()
+        region = registration_region(self.mr, frame.volume, self.liver)
+        result.correction = correct_registration(self.mr, frame.volume, region, network=result.network_transforms(),
+                                                 liver=self.liver)
+        t1 = time.perf_counter()
+        c, ts, transform = result.correction, frame.timestamp, result.transform()
+        messages = [
+            msgs.volume_to_image(msgs.intensity_to_uint8(c.warped), region, DEVICE_WARPED, ts),
+            msgs.transform_message(msgs.rigid_to_parent_ras(result.rigid_transform()), DEVICE_RIGID, ts),
+            msgs.field_image_to_message(fields.transform_to_field(transform, region), region, DEVICE_FIELD, ts),
+        ]
+        timings = {**{f"correction_{k}": v for k, v in c.timings.items()}, "correction": t1 - t0,
+                   "encode": time.perf_counter() - t1}
+        return Outcome(messages, timings, lambda: {"correction": c.report}, stage="corrected")
 
 
 class EchoProcessor:
@@ -312,6 +335,26 @@ class FusionService:
                          frame.device, frame.timestamp)
             return
         self.frames_processed += 1
+        frame_id = self.frames_processed
+        while outcome is not None:
+            # a better result of the same frame follows unless a newer frame is already waiting:
+            # latest-frame-only holds for the second stage as well
+            more = outcome.follow_up is not None and not self.mailbox.waiting(id(frame.session))
+            if not self._send(frame, outcome, frame_id, t_start, more):
+                return
+            if not more:
+                return
+            t_start = time.perf_counter()
+            try:
+                outcome = outcome.follow_up()
+            except Exception as exc:  # the first result stands; say why the second did not come
+                log.exception("follow-up of frame %d failed", frame_id)
+                self._reject(frame.session, f"frame {frame_id}: the {outcome.stage} result is all there is "
+                             f"({type(exc).__name__}: {exc})", frame.device, frame.timestamp, msgs.STATUS_ERROR)
+                return
+
+    def _send(self, frame: Frame, outcome: Outcome, frame_id: int, t_start: float, more: bool) -> bool:
+        """The outcome's messages, then its report; False when the client has gone."""
         try:
             t_processed = time.perf_counter()
             frame.session.send(outcome.messages)
@@ -320,7 +363,7 @@ class FusionService:
             quality = outcome.quality() if outcome.quality is not None else {}
             timings = {"queue_wait": t_start - frame.received_at, **outcome.timings_s, "send": t_sent - t_processed,
                        "quality": time.perf_counter() - t_sent}
-            report = {"frame_id": self.frames_processed, "device": frame.device,
+            report = {"frame_id": frame_id, "device": frame.device, "stage": outcome.stage, "more_coming": more,
                       "source_timestamp": frame.timestamp, "timings_s": _rounded(timings),
                       "results_sent_s": round(t_sent - frame.received_at, 5), **quality,
                       "frames_received": frame.session.frames_received,
@@ -328,8 +371,10 @@ class FusionService:
                       "input": frame.geometry, "processor": self.processor.name,
                       "compute_device": self.processor.device}
             frame.session.send([msgs.report_message(report, DEVICE_REPORT, frame.timestamp)])
+            return True
         except ConnectionClosed as exc:
             log.info("client %s left before its result was sent (%s)", frame.session.conn.peer, exc)
+            return False
 
 
 def _rounded(timings: dict) -> dict:
