@@ -43,22 +43,24 @@ class CorrectionSettings:
     """In the spirit of the published CuRIOUS / ReMIND2Reg recipe (MIND-SSC with a patch radius and
     dilation of a few millimetres, a discrete search on a coarse grid, an LTS rigid fit), in mm:
     features at about 1.2 mm whatever the region's spacing (a 0.5 mm brain region is averaged over
-    2^3 voxels, a 1.25 mm liver region is used as it is), an 8 mm search grid, a capture of
-    about +-32 mm. Chosen on synthetic liver patients and real US-US moves (benchmarks/)."""
+    2^3 voxels, a 1.25 mm liver region is used as it is), a 16^3 search grid over the region
+    (4 mm steps and +-16 mm capture for a brain US, ~10 mm and +-40 mm for a liver sweep).
+    Chosen on synthetic liver patients and real US-US moves (benchmarks/)."""
 
     def pool(self, region_spacing_mm: float) -> int:
         """Region voxels averaged per feature voxel (per axis)."""
         return max(1, int(round(self.feature_spacing_mm / region_spacing_mm)))
 
-    def step(self, feature_spacing_mm: float) -> int:
-        """The discrete search's grid step in feature voxels."""
-        return max(2, int(round(self.grid_step_mm / feature_spacing_mm)))
+    def step(self, feature_size: int) -> int:
+        """The discrete search's grid step in feature voxels, for a region `feature_size` voxels wide:
+        the cost of the search is then the same at every spacing."""
+        return max(2, int(round(feature_size / self.grid_points)))
 
     feature_spacing_mm: float = 1.2  # the region is averaged over p^3 blocks to about this spacing before MIND-SSC
     mind_radius: int = 2  # patch radius of the self-similarity distances, feature voxels
     mind_dilation: int = 2  # distance of the six neighbours, feature voxels
-    grid_step_mm: float = 8.0  # control-point spacing of the discrete search (rounded to feature voxels)
-    half_width: int = 4  # discrete search range, in grid steps each way (capture ~ 8 mm x 4 = 32 mm)
+    grid_points: int = 16  # the discrete search's grid: about this many points along the region (16^3)
+    half_width: int = 4  # discrete search range, in grid steps each way (capture = 4 steps = a quarter of the region)
     coupling: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # coupled-convex weights, rising
     consistency_voxels: float = 2.0  # forward/backward disagreement above which a point is not used (grid steps)
     trim: float = 0.5  # least-trimmed squares: share of points the fit keeps
@@ -217,7 +219,7 @@ class DiscreteResult:
 def discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm: float,
                              settings: CorrectionSettings) -> DiscreteResult:
     """Coarse correspondences from the discrete search, both ways, kept where they agree."""
-    step = settings.step(spacing_mm)
+    step = settings.step(max(fix_feat.shape[2:]))
     f = F.avg_pool3d(fix_feat, step, stride=step)
     m = F.avg_pool3d(mov_feat, step, stride=step)
     fv = F.avg_pool3d(fix_mask, step, stride=step)
@@ -438,7 +440,7 @@ def robust_fit(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm: float, settin
     if len(corr.points) < 6:  # too few consistent correspondences to fit anything
         return RobustFit(_IDENTITY, 0.0, len(corr.points), float("nan"))
     fitted, residual = lts_rigid(corr.points.double().numpy(), corr.targets.double().numpy(), settings.trim)
-    step_mm = settings.step(spacing_mm) * spacing_mm
+    step_mm = settings.step(max(fix_feat.shape[2:])) * spacing_mm
     return RobustFit(fitted, float(np.mean(residual * spacing_mm < settings.inlier_steps * step_mm)),
                      len(corr.points), float(np.median(corr.consistency.numpy())) * spacing_mm)
 
