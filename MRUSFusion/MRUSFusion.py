@@ -393,7 +393,10 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             return
         result = self.live.poll()
         if result is not None:
-            if self.expectedGrid is not None and not result.warped.same_grid(self.expectedGrid):
+            # the network's results come on the MR's fusion grid; a corrected result (a service started
+            # with --correct) on the frame's registration region, which follows the US
+            network_stage = result.report.get("stage", "network") == "network"
+            if network_stage and self.expectedGrid is not None and not result.warped.same_grid(self.expectedGrid):
                 self.live.last_error = ("the fusion service registers to another MR (or liver) than the one selected "
                                         "here: start it with the same MR")
             else:
