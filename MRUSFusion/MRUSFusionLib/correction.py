@@ -57,6 +57,7 @@ class CorrectionSettings:
         return max(2, int(round(feature_size / self.grid_points)))
 
     feature_spacing_mm: float = 1.2  # the region is averaged over p^3 blocks to about this spacing before MIND-SSC
+    us_smoothing_mm: float = 2.0  # Gaussian sigma applied to the US before its features (speckle; 1.5-2.5 measured alike)
     mind_radius: int = 2  # patch radius of the self-similarity distances, feature voxels
     mind_dilation: int = 2  # distance of the six neighbours, feature voxels
     grid_points: int = 16  # the discrete search's grid: about this many points along the region (16^3)

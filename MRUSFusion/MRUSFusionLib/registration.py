@@ -202,23 +202,25 @@ def _moving_on_region(us: Volume, region: Volume, transform: sitk.Transform | No
 
 def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: list | None = None,
                          initial: sitk.Transform | None = None, liver: Volume | None = None,
-                         fixed_data_only: bool = False,
+                         fixed_is_us: bool = False,
                          settings: correction.CorrectionSettings | None = None) -> Correction:
     """The correction stage on the registration region, started from the network's answer
     (`network`: its ITK transforms, applied last-first) or from the coarse alignment (`initial`, or
     the images as they lie), whichever has the lower MIND-SSC distance; never worse than its
-    start by that distance (`correction.correct_rigid`). The fixed support is the MR's grid (or,
-    `fixed_data_only`, its voxels > 0, for a fixed image with a fan); with a liver mask only the
-    liver and a margin around it: the body wall and ribs do not follow the liver's breathing, and
-    a rigid fit to them would pull it back."""
+    start by that distance (`correction.correct`). The fixed support is the MR's grid (or, with
+    `fixed_is_us` for US-US registration, its voxels > 0, and it is despeckled as the US is); with
+    a liver mask only the liver and a margin around it: the body wall and ribs do not follow the
+    liver's breathing, and a rigid fit to them would pull it back."""
     settings = settings or correction.CorrectionSettings()
     timings = {}
     t0 = time.perf_counter()
     fixed_values = resample_to_grid(mr.with_array(mr.array.astype(np.float32, copy=False)), region,
                                     default_value=np.nan).array
-    fixed_mask = np.isfinite(fixed_values) & ((fixed_values > 0) if fixed_data_only else True)
+    fixed_mask = np.isfinite(fixed_values) & ((fixed_values > 0) if fixed_is_us else True)
     fixed_mask = fixed_mask.astype(np.float32)
     fixed = normalise(np.nan_to_num(fixed_values, nan=0.0), fixed_mask)
+    if fixed_is_us:
+        fixed = _despeckled(fixed, fixed_mask, region, settings.us_smoothing_mm)
     if liver is not None:
         fixed_mask *= _dilated_mask(liver, region, settings.liver_margin_mm)
     pool = settings.pool(float(region.spacing[0]))
@@ -230,7 +232,7 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     moving = {}
     for name, (transforms, _) in starts.items():
         image, mask = _moving_on_region(us, region, sitk.CompositeTransform(transforms) if transforms else None)
-        moving[name] = correction.features(image, mask, pool, settings)
+        moving[name] = correction.features(_despeckled(image, mask, region, settings.us_smoothing_mm), mask, pool, settings)
     timings["features"] = time.perf_counter() - t0
     fg = correction.feature_grid(region, pool)
     answer = correction.correct(fix_feat, fix_mask, moving, float(fg.spacing[0]), settings)
@@ -261,6 +263,15 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     timings["total"] = time.perf_counter() - t0
     return Correction(start, transforms, linear, matrix_lps, region.with_array(np.zeros(region.array.shape, np.uint8)),
                       warped.astype(np.float32), report, timings)
+
+
+def _despeckled(image: np.ndarray, mask: np.ndarray, region: Volume, sigma_mm: float) -> np.ndarray:
+    """The US smoothed (Gaussian, `sigma_mm`) inside its data before its self-similarity is taken:
+    speckle has structure at the voxel scale that the MR does not share."""
+    if sigma_mm <= 0:
+        return image
+    smooth = sitk.SmoothingRecursiveGaussian(region.with_array(image).to_sitk(), sigma_mm)
+    return sitk.GetArrayFromImage(smooth) * mask
 
 
 def _dilated_mask(mask: Volume, region: Volume, margin_mm: float) -> np.ndarray:
