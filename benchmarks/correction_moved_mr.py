@@ -5,7 +5,8 @@ landmark error measured through the transform it returns (MR LPS point -> US LPS
 
 For each unseen synthetic patient (`evaluate`'s seeds) and move: median landmark error of the
 pair as moved, of the network alone, and of network + correction, with the correction's start,
-flags and time.
+flags and time; with `--convexadam`, the authors' package with its published CuRIOUS settings on
+the same region, from the pair as moved (`baseline.register_convexadam`).
 
     python benchmarks/correction_moved_mr.py --cases 5 --moves 2 --json benchmarks/results/fusion_correction_moved_mr_cpu.json
 
@@ -28,13 +29,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from deepnav.imaging import Volume, rotation_matrix  # noqa: E402
+from deepnav.imaging import Volume, resample_to_grid, rotation_matrix  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
+from MRUSFusionLib.baseline import register_convexadam  # noqa: E402
 from MRUSFusionLib.evaluation import case_seeds  # noqa: E402
 from MRUSFusionLib.fields import transform_points  # noqa: E402
 from MRUSFusionLib.model_io import load_model  # noqa: E402
 from MRUSFusionLib.phantom import landmarks_in_view, make_patient  # noqa: E402
+from MRUSFusionLib.preprocess import normalise  # noqa: E402
 from MRUSFusionLib.registration import register  # noqa: E402
 
 
@@ -54,6 +57,9 @@ def main() -> int:
     parser.add_argument("--moves", type=int, default=2)
     parser.add_argument("--degrees", type=float, default=6.0)
     parser.add_argument("--mm", type=float, default=5.0)
+    parser.add_argument("--convexadam", action="store_true",
+                        help="also run the authors' convexAdam package (CuRIOUS settings) on the same region, "
+                             "from the pair as moved (needs 'pip install convexadam nibabel')")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     configure_threads()
@@ -82,12 +88,30 @@ def main() -> int:
                        transform_points(result.transform(), moved) - truth, axis=1))),
                    "register_s": seconds, "correction_s": c.timings["total"],
                    "region_spacing_mm": float(c.region.spacing[0]), "correction": c.report}
+            if args.convexadam:
+                fixed_values = resample_to_grid(mr.with_array(mr.array.astype(np.float32)), c.region,
+                                                default_value=np.nan).array
+                fixed_mask = np.isfinite(fixed_values).astype(np.float32)
+                moving_values = resample_to_grid(frame.image.with_array(frame.image.array.astype(np.float32)), c.region,
+                                                 default_value=0.0).array
+                moving_mask = (moving_values > 0).astype(np.float32)
+                images = (normalise(np.nan_to_num(fixed_values), fixed_mask), normalise(moving_values, moving_mask))
+                for label, adam in (("convexadam_discrete", False), ("convexadam_adam", True)):
+                    transform, seconds = register_convexadam(*images, fixed_mask, moving_mask, c.region,
+                                                             instance_optimisation=adam)
+                    row[f"{label}_mm"] = float(np.median(np.linalg.norm(transform_points(transform, moved) - truth, axis=1)))
+                    row[f"{label}_s"] = seconds
             rows.append(row)
             print(f"patient {patient_seed} move {move_index}: {row['initial_mm']:5.2f} mm as moved, network "
                   f"{row['network_mm']:5.2f}, corrected {row['corrected_mm']:5.2f} (from {c.report['start']}, "
-                  f"{seconds:.1f} s) {', '.join(c.report['flags'])}", flush=True)
-    summary = {key: spread([r[key] for r in rows]) for key in
-               ("initial_mm", "network_mm", "corrected_mm", "register_s", "correction_s")}
+                  f"{seconds:.1f} s) {', '.join(c.report['flags'])}"
+                  + (f"; convexAdam {row['convexadam_discrete_mm']:.2f} / {row['convexadam_adam_mm']:.2f} mm "
+                     f"({row['convexadam_discrete_s']:.1f} / {row['convexadam_adam_s']:.1f} s)" if args.convexadam else ""),
+                  flush=True)
+    keys = ["initial_mm", "network_mm", "corrected_mm", "register_s", "correction_s"]
+    if args.convexadam:
+        keys += ["convexadam_discrete_mm", "convexadam_discrete_s", "convexadam_adam_mm", "convexadam_adam_s"]
+    summary = {key: spread([r[key] for r in rows]) for key in keys}
     print(f"\n{'':22s}{'median':>9s}{'p90':>9s}")
     for key, s in summary.items():
         print(f"{key:22s}{s['median']:9.2f}{s['p90']:9.2f}")
