@@ -6,7 +6,7 @@ landmark error measured through the transform it returns (MR LPS point -> US LPS
 For each unseen synthetic patient (`evaluate`'s seeds) and move: median landmark error of the
 pair as moved, of the network alone, and of network + correction, with the correction's start,
 flags and time; with `--convexadam`, the authors' package with its published CuRIOUS settings on
-the same region, from the pair as moved (`baseline.register_convexadam`).
+the same region, from the pair as moved (`benchmarks/convexadam_comparator.py`).
 
     python benchmarks/correction_moved_mr.py --cases 5 --moves 2 --json benchmarks/results/fusion_correction_moved_mr_cpu.json
 
@@ -28,11 +28,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from convexadam_comparator import register_convexadam  # noqa: E402
 
 from deepnav.imaging import Volume, resample_to_grid, rotation_matrix  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
-from MRUSFusionLib.baseline import register_convexadam  # noqa: E402
 from MRUSFusionLib.evaluation import case_seeds  # noqa: E402
 from MRUSFusionLib.fields import transform_points  # noqa: E402
 from MRUSFusionLib.model_io import load_model  # noqa: E402

@@ -9,7 +9,7 @@ answer scores worse). Landmark error: 200 points inside the US data, through the
 returns. Side by side in the same run: SimpleITK rigid registration (Mattes mutual information,
 versor rigid, 3-level pyramid, masks), the classical comparator, and (`--convexadam N`) the
 authors' convexAdam package with its published CuRIOUS settings on the same region
-(`baseline.register_convexadam`).
+(`benchmarks/convexadam_comparator.py`).
 
     python benchmarks/correction_us_us.py --json benchmarks/results/fusion_correction_us_us_cpu.json
 
@@ -31,12 +31,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
+from convexadam_comparator import register_convexadam  # noqa: E402
 
 from deepnav.errors import InputError  # noqa: E402
 from deepnav.imaging import Volume, matrix_to_affine, read_volume, resample_to_grid, rotation_matrix  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
-from MRUSFusionLib.baseline import register_convexadam  # noqa: E402
 from MRUSFusionLib.fields import transform_points  # noqa: E402
 from MRUSFusionLib.preprocess import normalise, registration_region  # noqa: E402
 from MRUSFusionLib.registration import correct_registration  # noqa: E402
