@@ -78,7 +78,7 @@ def main() -> int:
             moved = x @ move[:3, :3].T + move[:3, 3]
             t0 = time.perf_counter()
             result = register(model, mr, frame.image)
-            seconds = time.perf_counter() - t0
+            register_seconds = time.perf_counter() - t0
             c = result.correction
             row = {"patient_seed": patient_seed, "move": move_index, "landmarks": int(use.sum()),
                    "initial_mm": float(np.median(np.linalg.norm(moved - truth, axis=1))),
@@ -86,7 +86,7 @@ def main() -> int:
                        transform_points(result.network_transform(), moved) - truth, axis=1))),
                    "corrected_mm": float(np.median(np.linalg.norm(
                        transform_points(result.transform(), moved) - truth, axis=1))),
-                   "register_s": seconds, "correction_s": c.timings["total"],
+                   "register_s": register_seconds, "correction_s": c.timings["total"],
                    "region_spacing_mm": float(c.region.spacing[0]), "correction": c.report}
             if args.convexadam:
                 fixed_values = resample_to_grid(mr.with_array(mr.array.astype(np.float32)), c.region,
@@ -104,7 +104,7 @@ def main() -> int:
             rows.append(row)
             print(f"patient {patient_seed} move {move_index}: {row['initial_mm']:5.2f} mm as moved, network "
                   f"{row['network_mm']:5.2f}, corrected {row['corrected_mm']:5.2f} (from {c.report['start']}, "
-                  f"{seconds:.1f} s) {', '.join(c.report['flags'])}"
+                  f"{register_seconds:.1f} s) {', '.join(c.report['flags'])}"
                   + (f"; convexAdam {row['convexadam_discrete_mm']:.2f} / {row['convexadam_adam_mm']:.2f} mm "
                      f"({row['convexadam_discrete_s']:.1f} / {row['convexadam_adam_s']:.1f} s)" if args.convexadam else ""),
                   flush=True)
