@@ -11,13 +11,14 @@ registration and ventilation estimation" (coupled convex, 2013); Siebert, Hansen
 
 Written here rather than called from the authors' `convexadam` package: that package reads its
 images and masks from NIfTI file paths and returns a dense field at the fixed image's voxels, while
-this stage runs on a grid we already hold in memory, once per streamed frame, reuses the MR's
-features across frames, and must end in a rigid transform in mm with a never-worse check.
+this stage runs on a grid we already hold in memory, once per streamed frame, from more than one
+start, and must end in a rigid transform in mm with a never-worse check.
 
-Spaces. Everything runs on one registration grid (`region`, isotropic spacing s, LPS geometry):
-tensors are (N, C, k, j, i); positions and displacements are voxel coordinates (i, j, k) of that
-grid (so s mm per unit along each grid axis; the grid is isotropic and its direction orthonormal,
-so a rigid map of voxel coordinates is a rigid map in mm). A rigid map is a (3, 4) matrix on voxel
+Spaces. Everything runs on one feature grid (`feature_grid`: the registration region averaged over
+p^3 voxels; isotropic spacing s, LPS geometry): tensors are (N, C, k, j, i); positions and
+displacements are voxel coordinates (i, j, k) of that grid (s mm per unit along each grid axis; the
+grid is isotropic and its direction orthonormal, so a rigid map of voxel coordinates is a rigid map
+in mm). A rigid map is a (3, 4) matrix on voxel
 positions, `x_moving = A x + b`, in the resampling convention (a fixed/MR voxel -> where it is
 found in the moving image resampled on the same grid). `fields.rigid_to_lps` turns it into LPS mm.
 """
@@ -47,15 +48,6 @@ class CorrectionSettings:
     (4 mm steps and +-16 mm capture for a brain US, ~10 mm and +-40 mm for a liver sweep).
     Chosen on synthetic liver patients and real US-US moves (benchmarks/)."""
 
-    def pool(self, region_spacing_mm: float) -> int:
-        """Region voxels averaged per feature voxel (per axis)."""
-        return max(1, int(round(self.feature_spacing_mm / region_spacing_mm)))
-
-    def step(self, feature_size: int) -> int:
-        """The discrete search's grid step in feature voxels, for a region `feature_size` voxels wide:
-        the cost of the search is then the same at every spacing."""
-        return max(2, int(round(feature_size / self.grid_points)))
-
     feature_spacing_mm: float = 1.2  # the region is averaged over p^3 blocks to about this spacing before MIND-SSC
     us_smoothing_mm: float = 2.0  # Gaussian sigma applied to the US before its features (speckle; 1.5-2.5 measured alike)
     mind_radius: int = 2  # patch radius of the self-similarity distances, feature voxels
@@ -73,6 +65,15 @@ class CorrectionSettings:
     disagreement_mm: float = 5.0  # network and correction disagree above this mean distance (flag)
     min_inlier_share: float = 0.3  # fewer inliers of the robust fit are flagged
     liver_margin_mm: float = 10.0  # with a liver mask, the fixed support is the liver dilated by this
+
+    def pool(self, region_spacing_mm: float) -> int:
+        """Region voxels averaged per feature voxel (per axis)."""
+        return max(1, int(round(self.feature_spacing_mm / region_spacing_mm)))
+
+    def step(self, feature_size: int) -> int:
+        """The discrete search's grid step in feature voxels, for a region `feature_size` voxels wide:
+        the cost of the search is then the same at every spacing."""
+        return max(2, int(round(feature_size / self.grid_points)))
 
 
 # ---------------------------------------------------------------- MIND-SSC
