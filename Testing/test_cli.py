@@ -127,3 +127,28 @@ def test_live_demo_replays_files_over_openigtlink(patient_dir, tmp_path):
     overlays = [r["overlay"] for r in report["per_frame"] if "overlay" in r]
     assert overlays and sitk.ReadImage(str(out / overlays[0])).GetNumberOfComponentsPerPixel() == 3
     assert "end to end" in (out / "report.md").read_text()
+
+
+def test_the_shared_core_names_no_module_and_finds_them_as_slicer_lays_them_out(tmp_path, monkeypatch):
+    """deepnav/cli.py imports no module's Lib: the commands register themselves (entry points when
+    DeepNav is installed; inside Slicer, which installs nothing but puts each scripted module's
+    folder on sys.path, any importable *Lib package with a cli that declares COMMAND)."""
+    import importlib.metadata
+
+    from conftest import ROOT
+    from deepnav import cli
+
+    source = (ROOT / "deepnav" / "cli.py").read_text()
+    assert not any(name in source for name in ("MRUSFusion", "FetalBiometry", "LiverLesionSeg"))
+    assert [m.COMMAND for m in cli.command_modules()] == ["fetal", "fusion", "liver"]  # installed: entry points
+
+    plugin = tmp_path / "DemoToolLib"
+    plugin.mkdir()
+    (plugin / "__init__.py").write_text("")
+    (plugin / "cli.py").write_text('COMMAND = "demo-tool"\nHELP = "a plug-in"\n\n'
+                                   "def add_commands(parser):\n    parser.set_defaults(run=lambda args: 7)\n")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: [])  # as inside Slicer
+    for folder in (tmp_path, ROOT / "MRUSFusion", ROOT / "FetalBiometry", ROOT / "LiverLesionSeg"):
+        monkeypatch.syspath_prepend(str(folder))
+    assert [m.COMMAND for m in cli.command_modules()] == ["demo-tool", "fetal", "fusion", "liver"]
+    assert main(["demo-tool"]) == 7

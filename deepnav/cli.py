@@ -1,6 +1,7 @@
 """`deepnav`: one command line for the extension's modules (`deepnav fusion ...`).
 
-Each module's Lib contributes its subcommands through `add_commands(subparsers)`. Bad input
+Each module's Lib contributes its subcommands (`command_modules`: COMMAND, HELP and
+`add_commands(parser)` in its `cli`), found at run time; the core imports no module. Bad input
 ends with a one-line message and exit status 2, a cancelled run with 130; no tracebacks for
 things the user can fix.
 """
@@ -14,31 +15,44 @@ from deepnav import __version__
 from deepnav.errors import InputError
 from deepnav.progress import Cancelled
 
+ENTRY_POINT_GROUP = "deepnav.commands"
 
-def _module_path() -> None:
-    """Make the modules' Lib packages importable from a source checkout (as Slicer does)."""
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    for module in ("MRUSFusion", "FetalBiometry", "LiverLesionSeg"):
-        path = str(root / module)
-        if (root / module).is_dir() and path not in sys.path:
-            sys.path.insert(0, path)
+def command_modules() -> list:
+    """The modules that contribute a subcommand: each has COMMAND (its name), HELP and
+    add_commands(parser). The shared core names none of them. They are found through the
+    "deepnav.commands" entry points (a pip-installed DeepNav, pyproject.toml) and, where DeepNav is
+    not installed (inside Slicer, which puts each scripted module's folder on sys.path), as the
+    `cli` of any importable package whose name ends in "Lib". Sorted by command."""
+    import importlib
+    import importlib.metadata
+    import pkgutil
+
+    found = {}
+
+    def add(module) -> None:
+        if hasattr(module, "COMMAND") and hasattr(module, "add_commands"):
+            found.setdefault(module.COMMAND, module)
+
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        add(entry.load())
+    if not found:  # not installed: Slicer's layout, each module's folder on sys.path
+        for package in pkgutil.iter_modules():
+            if package.ispkg and package.name.endswith("Lib"):
+                try:
+                    add(importlib.import_module(f"{package.name}.cli"))
+                except ModuleNotFoundError as exc:  # a Lib without a command line
+                    if exc.name != f"{package.name}.cli":
+                        raise
+    return [found[name] for name in sorted(found)]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _module_path()
-    from FetalBiometryLib import cli as fetal_cli
-    from LiverLesionSegLib import cli as liver_cli
-
-    from MRUSFusionLib import cli as fusion_cli
-
     parser = argparse.ArgumentParser(prog="deepnav", description="DeepNav: image-guided intervention tools.")
     parser.add_argument("--version", action="version", version=f"deepnav {__version__}")
     modules = parser.add_subparsers(dest="module", required=True)
-    fusion_cli.add_commands(modules.add_parser("fusion", help="MR / 3D-ultrasound fusion (MRUSFusion)"))
-    fetal_cli.add_commands(modules.add_parser("fetal", help="fetal head biometry from 2D ultrasound (FetalBiometry)"))
-    liver_cli.add_commands(modules.add_parser("liver", help="multi-phase CT liver lesion segmentation (LiverLesionSeg)"))
+    for module in command_modules():
+        module.add_commands(modules.add_parser(module.COMMAND, help=module.HELP))
     return parser
 
 

@@ -9,6 +9,10 @@ from pathlib import Path
 from deepnav.errors import InputError
 from deepnav.progress import print_progress
 
+# `deepnav fetal ...`: found by deepnav.cli through the "deepnav.commands" entry point
+COMMAND = "fetal"
+HELP = "fetal head biometry from 2D ultrasound (FetalBiometry)"
+
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,6 +12,11 @@ from deepnav.progress import print_progress
 DEFAULT_ABDOMEN = Path(__file__).resolve().parents[3] / "shared" / "data" / "abdomen"
 
 
+# `deepnav liver ...`: found by deepnav.cli through the "deepnav.commands" entry point
+COMMAND = "liver"
+HELP = "multi-phase CT liver lesion segmentation (LiverLesionSeg)"
+
+
 def add_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
