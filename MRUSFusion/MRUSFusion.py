@@ -411,7 +411,7 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         first = scene.GetFirstNodeByName(WARPED) is None
         warped = mrml.volume_node(scene, WARPED, result.warped)
         mrml.linear_transform(scene, RIGID, result.rigid_to_parent_ras)
-        mrml.grid_transform_from_field(scene, DEFORMATION, result.field_lps)
+        mrml.grid_transform_from_ras(scene, DEFORMATION, result.field_ras, result.field_grid)
         if first:
             warped.CreateDefaultDisplayNodes()
             display = warped.GetDisplayNode()

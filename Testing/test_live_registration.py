@@ -101,7 +101,7 @@ def test_local_live_registration_is_the_registration(patient, shipped_model):
     assert {"mind_before", "mind_after", "folding_percent"} <= set(stats["quality"])
     last = results[-1]  # the newest result is the last frame submitted
     direct = register(shipped_model, patient.mr, frames[0], liver=patient.liver, correct=False)
-    np.testing.assert_allclose(sitk.GetArrayFromImage(last.field_lps),
+    np.testing.assert_allclose(sitk.GetArrayFromImage(last.field_lps()),
                                sitk.GetArrayFromImage(fields.displacement_to_lps_image(direct.disp_ijk, direct.grid)),
                                atol=1e-4)
     np.testing.assert_allclose(last.rigid_to_parent_ras, msgs.rigid_to_parent_ras(direct.rigid_transform()), atol=1e-6)
@@ -143,10 +143,12 @@ def test_service_mode_gives_what_in_process_gives(patient, shipped_model):
     assert error is not None and "does not overlap" in error
     assert again is not None and stats["frames_completed"] == 2
     assert "cpu" in stats["device"] and "service at 127.0.0.1" in stats["device"]
-    np.testing.assert_allclose(sitk.GetArrayFromImage(result.field_lps),
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.field_lps()),
                                sitk.GetArrayFromImage(fields.displacement_to_lps_image(direct.disp_ijk, direct.grid)),
                                atol=1e-4)
     np.testing.assert_allclose(result.rigid_to_parent_ras, msgs.rigid_to_parent_ras(direct.rigid_transform()), atol=1e-5)
+    # the field stays as it came off the wire (RAS float32, the form MRML takes) until it is shown
+    assert result.field_ras.dtype == np.float32 and result.field_grid.same_grid(direct.grid)
     assert result.warped.same_grid(direct.grid)
     # uint8 rounding of two float runs may differ by one grey level
     np.testing.assert_allclose(result.warped.array, msgs.intensity_to_uint8(direct.warped), atol=1)

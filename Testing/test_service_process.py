@@ -39,7 +39,7 @@ def test_the_service_process_fuses_as_in_process_and_a_kill_is_reported(patient,
         live.submit(us)
         result = wait_for(live.poll, timeout_s=120)
         direct = register(shipped_model, patient.mr, us, liver=patient.liver, correct=False)
-        np.testing.assert_allclose(sitk.GetArrayFromImage(result.field_lps), sitk.GetArrayFromImage(
+        np.testing.assert_allclose(sitk.GetArrayFromImage(result.field_lps()), sitk.GetArrayFromImage(
             fields.displacement_to_lps_image(direct.disp_ijk, direct.grid)), atol=1e-4)
         np.testing.assert_allclose(result.rigid_to_parent_ras, msgs.rigid_to_parent_ras(direct.rigid_transform()),
                                    atol=1e-5)

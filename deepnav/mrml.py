@@ -150,27 +150,41 @@ def linear_transform(scene, name: str, matrix_to_parent_ras: np.ndarray):
 
 
 def grid_transform_from_field(scene, name: str, field_lps: sitk.Image):
-    """A grid transform node from a displacement field (SimpleITK vector image: LPS geometry, LPS
-    mm vectors, resampling convention x_moving = x_fixed + u(x_fixed)). That convention is what
-    Slicer calls *from parent* (parent = fixed = MR): put the moving image (US) under this node and
-    Slicer shows it resampled onto the MR. Geometry and vectors are converted to RAS; the grid is
+    """A grid transform node from a displacement field as a SimpleITK vector image (LPS geometry,
+    LPS mm vectors, resampling convention x_moving = x_fixed + u(x_fixed)): converted to RAS once,
+    then `grid_transform_from_ras`."""
+    vectors = sitk.GetArrayFromImage(field_lps).astype(np.float32)
+    vectors[..., :2] *= -1.0  # L, P -> R, A
+    grid = Volume(vectors[..., 0], np.array(field_lps.GetSpacing()), np.array(field_lps.GetOrigin()),
+                  np.array(field_lps.GetDirection()).reshape(3, 3))
+    return grid_transform_from_ras(scene, name, vectors, grid)
+
+
+def grid_transform_from_ras(scene, name: str, vectors_ras: np.ndarray, grid: Volume):
+    """A grid transform node from displacement vectors in RAS mm, (k, j, i, 3) float32, on `grid`
+    (its LPS geometry; the array of `grid` is not used), resampling convention x_moving = x_fixed +
+    u(x_fixed). That convention is what Slicer calls *from parent* (parent = fixed = MR): put the
+    moving image (US) under this node and Slicer shows it resampled onto the MR. The grid is
     interpolated linearly, as SimpleITK's DisplacementFieldTransform does. A rerun (each live
-    frame) updates the same node, so whatever is placed under it stays there."""
-    flip = np.array([-1.0, -1.0, 1.0], np.float32)
-    vectors = sitk.GetArrayFromImage(field_lps).astype(np.float32) * flip  # (k, j, i, 3) RAS; float32 halves the copy
+    frame) updates the same node, so whatever is placed under it stays there. The vectors are
+    what the fusion service sends (RAS float32): a live frame reaches MRML with one copy."""
+    if vectors_ras.shape != grid.array.shape + (3,):
+        raise ValueError(f"vectors {vectors_ras.shape} do not match the grid {grid.array.shape} x 3")
+    flip = np.array([-1.0, -1.0, 1.0])
     image = vtk.vtkImageData()
-    image.SetDimensions(*field_lps.GetSize())
-    image.SetSpacing(*field_lps.GetSpacing())
-    image.SetOrigin(*(np.array(field_lps.GetOrigin()) * flip))
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(vectors.reshape(-1, 3), deep=True))
+    image.SetDimensions(*grid.size_ijk)
+    image.SetSpacing(*grid.spacing)
+    image.SetOrigin(*(grid.origin * flip))
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+        np.ascontiguousarray(vectors_ras, dtype=np.float32).reshape(-1, 3), deep=True))
     direction = np.eye(4)
-    direction[:3, :3] = np.diag(flip) @ np.array(field_lps.GetDirection()).reshape(3, 3)
-    grid = slicer.vtkOrientedGridTransform()
-    grid.SetDisplacementGridData(image)
-    grid.SetGridDirectionMatrix(_vtk_matrix(direction))
-    grid.SetInterpolationModeToLinear()
+    direction[:3, :3] = np.diag(flip) @ grid.direction
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetDisplacementGridData(image)
+    transform.SetGridDirectionMatrix(_vtk_matrix(direction))
+    transform.SetInterpolationModeToLinear()
     node = _node(scene, "vtkMRMLGridTransformNode", name)
-    node.SetAndObserveTransformFromParent(grid)
+    node.SetAndObserveTransformFromParent(transform)
     return node
 
 

@@ -64,6 +64,14 @@ def displacement_to_lps_image(disp_ijk: np.ndarray, grid: Volume) -> sitk.Image:
     return grid.apply_geometry(sitk.GetImageFromArray(u_lps, isVector=True))
 
 
+def displacement_to_ras_vectors(disp_ijk: np.ndarray, grid: Volume) -> np.ndarray:
+    """(3, k, j, i) voxel displacements (di, dj, dk) on `grid` -> (k, j, i, 3) float32 RAS mm:
+    u_ras = F D diag(spacing) u_ijk (F flips L, P). What the service sends and MRML takes."""
+    to_ras = (LPS_TO_RAS[:3, :3] @ _ds(grid)).astype(np.float32)
+    vectors = to_ras @ disp_ijk.reshape(3, -1).astype(np.float32, copy=False)
+    return vectors.T.reshape(*disp_ijk.shape[1:], 3)
+
+
 def displacement_transform(field_lps: sitk.Image) -> sitk.DisplacementFieldTransform:
     # the constructor takes ownership of (and empties) the image it is given: pass a copy
     return sitk.DisplacementFieldTransform(sitk.Cast(field_lps, sitk.sitkVectorFloat64))

@@ -101,9 +101,7 @@ def intensity_to_uint8(values: np.ndarray) -> np.ndarray:
 def displacement_to_image(disp_ijk: np.ndarray, grid: Volume, device: str, timestamp: float) -> pyigtl.ImageMessage:
     """A network displacement (3, k, j, i) in voxels (di, dj, dk) on `grid` as a 3-component
     RAS IMAGE whose vectors are RAS mm: u_ras = F D diag(spacing) u_ijk (F flips L, P)."""
-    to_ras = (LPS_TO_RAS[:3, :3] @ grid.direction @ np.diag(grid.spacing)).astype(np.float32)
-    vectors = (to_ras @ disp_ijk.reshape(3, -1).astype(np.float32, copy=False)).T  # (voxels, 3), k-j-i order
-    return volume_to_image(vectors.reshape(*disp_ijk.shape[1:], 3), grid, device, timestamp)
+    return volume_to_image(fields.displacement_to_ras_vectors(disp_ijk, grid), grid, device, timestamp)
 
 
 def field_image_to_message(field_lps: sitk.Image, grid: Volume, device: str, timestamp: float) -> pyigtl.ImageMessage:
@@ -112,6 +110,15 @@ def field_image_to_message(field_lps: sitk.Image, grid: Volume, device: str, tim
     vectors = sitk.GetArrayFromImage(field_lps).astype(np.float32)  # (k, j, i, 3) LPS
     vectors[..., :2] *= -1.0  # L, P -> R, A
     return volume_to_image(vectors, grid, device, timestamp)
+
+
+def image_to_ras_field(message: pyigtl.ImageMessage) -> tuple[np.ndarray, Volume]:
+    """A received displacement IMAGE as it came: (k, j, i, 3) RAS mm vectors (float32, not copied
+    when sent so) and its grid (LPS geometry), what `mrml.grid_transform_from_ras` takes."""
+    if message.image.ndim != 4 or message.image.shape[3] != 3:
+        raise InputError(f"{message.device_name!r} is not a 3-component displacement image")
+    vectors = np.asarray(message.image, np.float32)
+    return vectors, Volume.from_ijk_to_lps(vectors[..., 0], _world_matrix_lps(message))
 
 
 def image_to_field(message: pyigtl.ImageMessage) -> sitk.Image:

@@ -48,9 +48,15 @@ _FRAME = "frame"  # the one mailbox key: a live host has one US source
 class LiveResult:
     warped: Volume  # the US warped onto the MR, uint8, on the 128^3 fusion grid (LPS geometry)
     rigid_to_parent_ras: np.ndarray  # 4x4: the rigid stage as Slicer's to-parent matrix (US -> MR, RAS)
-    field_lps: sitk.Image  # the whole cascade, phi(x) - x, LPS mm, resampling convention (MR -> US)
+    field_ras: np.ndarray  # the whole registration, phi(x) - x, (k, j, i, 3) float32 RAS mm, resampling
+    field_grid: Volume  # convention (MR -> US), on this grid (LPS geometry): as sent, as MRML takes it
     report: dict  # timings_s, device, and the service's frame counts in service mode
     latency_s: float  # from `submit` to the result being ready to show
+
+    def field_lps(self) -> sitk.Image:
+        """The field as an ITK displacement image (LPS vectors and geometry), for files and checks."""
+        vectors = self.field_ras.astype(np.float64) * np.array([-1.0, -1.0, 1.0])
+        return self.field_grid.apply_geometry(sitk.GetImageFromArray(vectors, isVector=True))
 
 
 class LiveRegistration:
@@ -139,7 +145,7 @@ class LocalRegistration(LiveRegistration):
                 live = LiveResult(
                     warped=result.grid.with_array(msgs.intensity_to_uint8(result.warped)),
                     rigid_to_parent_ras=msgs.rigid_to_parent_ras(result.rigid_transform()),
-                    field_lps=fields.displacement_to_lps_image(result.disp_ijk, result.grid),
+                    field_ras=fields.displacement_to_ras_vectors(result.disp_ijk, result.grid), field_grid=result.grid,
                     report={"timings_s": result.timings, "compute_device": self.device},
                     latency_s=time.perf_counter() - submitted_at)
             except InputError as exc:
@@ -228,7 +234,7 @@ class RemoteRegistration(LiveRegistration):
         elif kind == ("TRANSFORM", DEVICE_RIGID):
             entry["rigid"] = np.asarray(message.matrix, dtype=np.float64)
         elif kind == ("IMAGE", DEVICE_FIELD):
-            entry["field"], entry["results_at"] = msgs.image_to_field(message), arrived
+            entry["field"], entry["results_at"] = msgs.image_to_ras_field(message), arrived
         elif kind == ("STRING", DEVICE_REPORT):
             report = json.loads(message.string)
             with self._lock:
@@ -239,5 +245,5 @@ class RemoteRegistration(LiveRegistration):
             self.remote_dropped = int(report.get("frames_dropped", 0))
             self.quality = {k: report[k] for k in ("mind_before", "mind_after", "folding_percent") if k in report}
             if all(k in entry for k in ("warped", "rigid", "field")):
-                self._publish(LiveResult(entry["warped"], entry["rigid"], entry["field"], report,
+                self._publish(LiveResult(entry["warped"], entry["rigid"], *entry["field"], report,
                                          entry["results_at"] - entry["submitted_at"]))
