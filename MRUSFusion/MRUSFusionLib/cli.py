@@ -105,6 +105,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=300)
     p.add_argument("--rate", type=float, default=2.0)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="cubic uint8 volume sizes")
+    p.add_argument("--correct", action="store_true", help="also stream to a service that sends corrected results")
     p.add_argument("--model", type=Path)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, required=True)
@@ -306,7 +307,7 @@ def _bench_stream(args) -> int:
     from MRUSFusionLib.stream_benchmark import format_table, run_benchmark
 
     model = _load(args)
-    report = run_benchmark(model, frames=args.frames, rate_hz=args.rate, sizes=args.sizes)
+    report = run_benchmark(model, frames=args.frames, rate_hz=args.rate, sizes=args.sizes, correct=args.correct)
     print(format_table(report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))

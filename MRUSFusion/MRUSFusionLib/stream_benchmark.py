@@ -85,14 +85,21 @@ def _trend(run) -> dict:
 
 
 def run_benchmark(model: LoadedModel, *, frames: int = 300, rate_hz: float = 2.0, sizes=(128, 256),
-                  log=print) -> dict:
+                  correct: bool = False, log=print) -> dict:
+    """Echo, fusion and (`correct`) fusion whose frames are followed by their corrected results,
+    each streamed `frames` times per volume size."""
     patient = make_patient(BENCH_PATIENT_SEED, frames=1)
     runs = []
     fusion = FusionProcessor(model, patient.mr, patient.liver)
     fusion.warm_up()
+    processors = [EchoProcessor(), fusion]
+    if correct:
+        corrected = FusionProcessor(model, patient.mr, patient.liver, correct=True)
+        corrected.name = "fusion+correction"
+        processors.append(corrected)
     for size in sizes:
         volume = bench_volume(patient.frames[0].image, size)
-        for processor in (EchoProcessor(), fusion):
+        for processor in processors:
             log(f"{size}^3 uint8 ({volume.array.nbytes / 2**20:.0f} MB), {processor.name}: "
                 f"{frames} frames at {rate_hz:g} Hz")
             with MemorySampler() as memory, FusionService(processor, port=0) as service:
@@ -107,15 +114,21 @@ def run_benchmark(model: LoadedModel, *, frames: int = 300, rate_hz: float = 2.0
 
 
 def format_table(report: dict) -> str:
-    head = (f"{'volume':>14s} {'mode':>7s} {'e2e p50':>9s} {'e2e p95':>9s} {'done':>5s} {'dropped':>8s} "
+    head = (f"{'volume':>14s} {'mode':>17s} {'e2e p50':>9s} {'e2e p95':>9s} {'done':>5s} {'dropped':>8s} "
             f"{'Hz':>5s} {'trend/100':>10s} {'peak MB':>8s} {'Q2->Q4 MB':>10s}")
     lines = [head]
     for r in report["runs"]:
         e2e, trend, mem = r["end_to_end_s"], r["trend"], r["memory"]
-        lines.append(f"{r['size']:>5d}^3 {r['megabytes']:5.0f}MB {r['mode']:>7s} {e2e['p50'] * 1000:7.0f}ms "
+        lines.append(f"{r['size']:>5d}^3 {r['megabytes']:5.0f}MB {r['mode']:>17s} {e2e['p50'] * 1000:7.0f}ms "
                      f"{e2e['p95'] * 1000:7.0f}ms {r['frames_completed']:5d} {r['dropped_frames']:8d} "
                      f"{r['throughput_hz']:5.2f} {trend.get('slope_s_per_100_frames', 0.0) * 1000:8.1f}ms "
                      f"{mem['peak_mb']:8.0f} {mem['growth_q2_to_q4_mb']:10.1f}")
+    for r in report["runs"]:
+        if r.get("corrected_frames"):
+            c = r["corrected_end_to_end_s"]
+            lines.append(f"{r['size']:>5d}^3 {r['mode']}: {r['corrected_frames']} of {r['frames_completed']} frames also "
+                         f"corrected (the others had a newer frame waiting), send to corrected result "
+                         f"p50 {c['p50']:.2f} s, p95 {c['p95']:.2f} s")
     lines.append(f"{report['frames']} frames at {report['rate_hz']:g} Hz on {report['device']}; "
                  "e2e = send to last result received; trend = slope of e2e over the run; "
                  "Q2->Q4 = median resident memory, last quarter minus second")
