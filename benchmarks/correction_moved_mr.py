@@ -30,15 +30,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from convexadam_comparator import register_convexadam  # noqa: E402
 
-from deepnav.imaging import Volume, resample_to_grid, rotation_matrix  # noqa: E402
+from deepnav.imaging import Volume, rotation_matrix  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 from MRUSFusionLib.evaluation import case_seeds  # noqa: E402
 from MRUSFusionLib.fields import transform_points  # noqa: E402
 from MRUSFusionLib.model_io import load_model  # noqa: E402
 from MRUSFusionLib.phantom import landmarks_in_view, make_patient  # noqa: E402
-from MRUSFusionLib.preprocess import normalise  # noqa: E402
-from MRUSFusionLib.registration import register  # noqa: E402
+from MRUSFusionLib.registration import mr_on_region, register, us_on_region  # noqa: E402
 
 
 def known_move(rng: np.random.Generator, centre: np.ndarray, degrees: float, mm: float) -> np.ndarray:
@@ -89,15 +88,10 @@ def main() -> int:
                    "register_s": register_seconds, "correction_s": c.timings["total"],
                    "region_spacing_mm": float(c.region.spacing[0]), "correction": c.report}
             if args.convexadam:
-                fixed_values = resample_to_grid(mr.with_array(mr.array.astype(np.float32)), c.region,
-                                                default_value=np.nan).array
-                fixed_mask = np.isfinite(fixed_values).astype(np.float32)
-                moving_values = resample_to_grid(frame.image.with_array(frame.image.array.astype(np.float32)), c.region,
-                                                 default_value=0.0).array
-                moving_mask = (moving_values > 0).astype(np.float32)
-                images = (normalise(np.nan_to_num(fixed_values), fixed_mask), normalise(moving_values, moving_mask))
+                (fixed_image, fixed_mask), (moving_image, moving_mask) = (
+                    mr_on_region(mr, c.region), us_on_region(frame.image, c.region, None))
                 for label, adam in (("convexadam_discrete", False), ("convexadam_adam", True)):
-                    transform, seconds = register_convexadam(*images, fixed_mask, moving_mask, c.region,
+                    transform, seconds = register_convexadam(fixed_image, moving_image, fixed_mask, moving_mask, c.region,
                                                              instance_optimisation=adam)
                     row[f"{label}_mm"] = float(np.median(np.linalg.norm(transform_points(transform, moved) - truth, axis=1)))
                     row[f"{label}_s"] = seconds

@@ -34,12 +34,12 @@ import torch  # noqa: E402
 from convexadam_comparator import register_convexadam  # noqa: E402
 
 from deepnav.errors import InputError  # noqa: E402
-from deepnav.imaging import Volume, matrix_to_affine, read_volume, resample_to_grid, rotation_matrix  # noqa: E402
+from deepnav.imaging import Volume, matrix_to_affine, read_volume, rotation_matrix  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 from MRUSFusionLib.fields import transform_points  # noqa: E402
-from MRUSFusionLib.preprocess import normalise, registration_region  # noqa: E402
-from MRUSFusionLib.registration import correct_registration  # noqa: E402
+from MRUSFusionLib.preprocess import registration_region  # noqa: E402
+from MRUSFusionLib.registration import correct_registration, mr_on_region, us_on_region  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "us3d"
 FILES = ["Case3-US-before.nii.gz", "Case4-US-before.nii.gz", "vtkVolumeReconstructorTestNNMEANvolumeRef.mha",
@@ -152,11 +152,11 @@ def main() -> int:
                                                                         axis=1)))
                     row["baseline_s"] = seconds
                 if n < args.convexadam:
-                    fixed_on, moving_on = (resample_to_grid(v, region, default_value=0.0).array for v in (us, moving))
-                    masks = [(a > 0).astype(np.float32) for a in (fixed_on, moving_on)]
-                    images = [normalise(a, m) for a, m in zip((fixed_on, moving_on), masks, strict=True)]
+                    (fixed_image, fixed_mask), (moving_image, moving_mask) = (
+                        mr_on_region(us, region, data_only=True), us_on_region(moving, region, None))
                     for label, adam in (("convexadam_discrete", False), ("convexadam_adam", True)):
-                        transform, seconds = register_convexadam(*images, *masks, region, instance_optimisation=adam)
+                        transform, seconds = register_convexadam(fixed_image, moving_image, fixed_mask, moving_mask, region,
+                                                                instance_optimisation=adam)
                         row[f"{label}_mm"] = float(np.median(np.linalg.norm(
                             transform_points(transform, fixed_points) - truth, axis=1)))
                         row[f"{label}_s"] = seconds

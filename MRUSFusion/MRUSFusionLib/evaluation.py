@@ -26,8 +26,8 @@ from MRUSFusionLib.dataset import TRAINING_SEED_BASE
 from MRUSFusionLib.fields import resample_with, transform_points
 from MRUSFusionLib.model_io import LoadedModel
 from MRUSFusionLib.phantom import landmarks_in_view, make_patient
-from MRUSFusionLib.preprocess import prepare_pair, registration_region
-from MRUSFusionLib.registration import correct_registration, register_pair, run_network
+from MRUSFusionLib.preprocess import prepare_pair
+from MRUSFusionLib.registration import correct_result, register_pair, run_network
 from MRUSFusionLib.training import vessel_dice
 
 CASES_PER_SEED = 100  # patient seed of case i under --seed S is S * 100 + i
@@ -92,9 +92,7 @@ def evaluate(model: LoadedModel, cases: int, seed: int, *, frames: int = 2, base
                    "network_s": result.timings["network"]}
             if correct:
                 t0 = time.perf_counter()
-                region = registration_region(patient.mr, frame.image, patient.liver)
-                result.correction = correct_registration(patient.mr, frame.image, region,
-                                                         network=result.network_transforms(), liver=patient.liver)
+                correct_result(result, patient.mr, frame.image, liver=patient.liver)
                 row["correction_s"] = time.perf_counter() - t0
                 row["tre_corrected_mm"] = np.linalg.norm(result.map_points_lps(x) - truth[use], axis=1)
                 row["dice_vessels_corrected"] = _dice_through(result.transform(), frame, pair)

@@ -131,9 +131,7 @@ def overlay_picture(result: Registration, mr: Volume, us: Volume, initial: sitk.
     from MRUSFusionLib.overlay import overlay_panel
 
     grid = result.correction.region if result.correction is not None else result.grid
-    fixed_values = resample_to_grid(mr.with_array(mr.array.astype(np.float32, copy=False)), grid,
-                                    default_value=np.nan).array
-    fixed = normalise(np.nan_to_num(fixed_values, nan=0.0), np.isfinite(fixed_values))
+    fixed, _ = mr_on_region(mr, grid)
     report = result.correction.report if result.correction is not None else {}
 
     def caption(stage: str, key: str) -> str:
@@ -142,7 +140,7 @@ def overlay_picture(result: Registration, mr: Volume, us: Volume, initial: sitk.
     rows = []
     for stage, key, transform in (("before (coarse)", "mind_ssc_coarse", initial),
                                   ("network", "mind_ssc_network", result.network_transform())):
-        image, mask = _moving_on_region(us, grid, transform)
+        image, mask = us_on_region(us, grid, transform)
         rows.append((caption(stage, key), image, mask))
     if result.correction is not None:
         c = result.correction
@@ -186,13 +184,33 @@ def register(model: LoadedModel, mr: Volume, us: Volume, *, liver: Volume | None
     if initial is not None:
         fold_initial(result, initial)
     if correct:
-        result.correction = correct_registration(mr, us, region, network=result.network_transforms(),
-                                                 initial=initial, liver=liver, settings=settings)
-        result.timings.update({f"correction_{k}": v for k, v in result.correction.timings.items()})
+        correct_result(result, mr, us, region=region, liver=liver, initial=initial, settings=settings)
     return result
 
 
-def _moving_on_region(us: Volume, region: Volume, transform: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray]:
+def correct_result(result: Registration, mr: Volume, us: Volume, *, region: Volume | None = None,
+                   liver: Volume | None = None, initial: sitk.Transform | None = None,
+                   settings: correction.CorrectionSettings | None = None) -> Correction:
+    """Follow the network's result with the correction stage (on `region`, by default the
+    registration region of this MR and US): sets and returns `result.correction`, its timings
+    added to the result's. What `register`, the evaluation and the service's second stage run."""
+    region = region if region is not None else registration_region(mr, us, liver, initial)
+    result.correction = correct_registration(mr, us, region, network=result.network_transforms(),
+                                             initial=initial, liver=liver, settings=settings)
+    result.timings.update({f"correction_{k}": v for k, v in result.correction.timings.items()})
+    return result.correction
+
+
+def mr_on_region(mr: Volume, region: Volume, data_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The MR (or any fixed image) on the region, normalised, and its support mask (float32):
+    inside its grid, and with `data_only` also > 0 (a fixed US with a fan)."""
+    values = resample_to_grid(mr.with_array(mr.array.astype(np.float32, copy=False)), region,
+                              default_value=np.nan).array
+    mask = (np.isfinite(values) & ((values > 0) if data_only else True)).astype(np.float32)
+    return normalise(np.nan_to_num(values, nan=0.0), mask), mask
+
+
+def us_on_region(us: Volume, region: Volume, transform: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray]:
     """The US through `transform` (region LPS -> US LPS) on the region, normalised, and its data
     mask (inside the US grid and > 0: a scan converter leaves zeros outside the fan)."""
     values = resample_to_grid(us, region, transform=transform, default_value=np.nan).array
@@ -214,11 +232,7 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     settings = settings or correction.CorrectionSettings()
     timings = {}
     t0 = time.perf_counter()
-    fixed_values = resample_to_grid(mr.with_array(mr.array.astype(np.float32, copy=False)), region,
-                                    default_value=np.nan).array
-    fixed_mask = np.isfinite(fixed_values) & ((fixed_values > 0) if fixed_is_us else True)
-    fixed_mask = fixed_mask.astype(np.float32)
-    fixed = normalise(np.nan_to_num(fixed_values, nan=0.0), fixed_mask)
+    fixed, fixed_mask = mr_on_region(mr, region, data_only=fixed_is_us)
     if fixed_is_us:
         fixed = _despeckled(fixed, fixed_mask, region, settings.us_smoothing_mm)
     if liver is not None:
@@ -231,7 +245,7 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
         starts["network"] = (list(network), linear_to_matrix(network[0]))
     moving = {}
     for name, (transforms, _) in starts.items():
-        image, mask = _moving_on_region(us, region, sitk.CompositeTransform(transforms) if transforms else None)
+        image, mask = us_on_region(us, region, sitk.CompositeTransform(transforms) if transforms else None)
         moving[name] = correction.features(_despeckled(image, mask, region, settings.us_smoothing_mm), mask, pool, settings)
     timings["features"] = time.perf_counter() - t0
     fg = correction.feature_grid(region, pool)
@@ -243,7 +257,7 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     matrix_lps = linear_to_matrix(fields.rigid_to_lps(answer.matrix_ijk, fg))
     transforms, linear = starts[start]
     final = sitk.CompositeTransform([*transforms, matrix_to_affine(matrix_lps)])
-    warped, _ = _moving_on_region(us, region, final)
+    warped, _ = us_on_region(us, region, final)
     disagreement = (_mean_distance(final, sitk.CompositeTransform(network), region, fixed_mask)
                     if network else float("nan"))
     distance = answer.distances

@@ -31,8 +31,8 @@ from MRUSFusionLib.igtl_messages import DEVICE_ECHO, DEVICE_FIELD, DEVICE_REPORT
 from MRUSFusionLib.igtl_transport import Connection, ConnectionClosed, ProtocolError
 from MRUSFusionLib.mailbox import LatestFrameMailbox
 from MRUSFusionLib.model_io import LoadedModel
-from MRUSFusionLib.preprocess import fusion_grid, prepare_fixed, registration_region
-from MRUSFusionLib.registration import Registration, correct_registration, register
+from MRUSFusionLib.preprocess import fusion_grid, prepare_fixed
+from MRUSFusionLib.registration import Registration, correct_result, register
 
 log = logging.getLogger("deepnav.fusion.service")
 
@@ -107,11 +107,9 @@ class FusionProcessor:
     def _corrected(self, frame: Frame, result: Registration) -> Outcome:
         """The correction stage on the frame's registration region: warped US and field there."""
         t0 = time.perf_counter()
-        region = registration_region(self.mr, frame.volume, self.liver)
-        result.correction = correct_registration(self.mr, frame.volume, region, network=result.network_transforms(),
-                                                 liver=self.liver)
+        c = correct_result(result, self.mr, frame.volume, liver=self.liver)
         t1 = time.perf_counter()
-        c, ts, transform = result.correction, frame.timestamp, result.transform()
+        region, ts, transform = c.region, frame.timestamp, result.transform()
         messages = [
             msgs.volume_to_image(msgs.intensity_to_uint8(c.warped), region, DEVICE_WARPED, ts),
             msgs.transform_message(msgs.rigid_to_parent_ras(result.rigid_transform()), DEVICE_RIGID, ts),
