@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import time
 from typing import ClassVar
 
 import numpy as np
@@ -215,7 +216,6 @@ class DiscreteResult:
     points: torch.Tensor  # (P, 3) fine voxel positions (i, j, k) of the coarse grid's centres, usable ones
     targets: torch.Tensor  # (P, 3) where they are found in the moving image (fine voxels)
     consistency: torch.Tensor  # (P,) forward/backward disagreement, fine voxels
-    valid_points: int  # coarse points inside both supports (before the consistency filter)
 
 
 def discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm: float,
@@ -243,7 +243,7 @@ def discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm:
     # the symmetric estimate: half of forward minus half of backward at the target
     sym = 0.5 * (forward - sample_field(backward, coarse + forward))
     target = pos + sym[0].permute(1, 2, 3, 0)[keep] * step
-    return DiscreteResult(pos, target, disagreement[keep] * step, int(inside.sum()))
+    return DiscreteResult(pos, target, disagreement[keep] * step)
 
 
 # ---------------------------------------------------------------- robust rigid fit
@@ -315,9 +315,14 @@ def sampled_distance(fix_values: torch.Tensor, points: torch.Tensor, stack: torc
     `outside_cost` (a poor match) instead of being dropped: a normalised mean over the overlap
     alone would reward shrinking the overlap onto featureless tissue. Differentiable in `matrix`."""
     pos = points @ matrix[:, :3].T + matrix[:, 3]
-    sampled = _SampleWithGradient.apply(pos, stack)
-    warped, inside = sampled[:-1], sampled[-1].clamp(0.0, 1.0)
-    return (inside * ((fix_values - warped) ** 2).sum(0) + (1.0 - inside) * outside_cost).mean()
+    return _match_cost(fix_values, _SampleWithGradient.apply(pos, stack), outside_cost)
+
+
+def _match_cost(fix_values: torch.Tensor, sampled: torch.Tensor, outside_cost: float) -> torch.Tensor:
+    """The mean over points of |fixed - moving|^2 inside the moving support, `outside_cost` outside
+    it (`sampled`: the moving features with the support as a last channel, (C + 1, P))."""
+    inside = sampled[-1].clamp(0.0, 1.0)
+    return (inside * ((fix_values - sampled[:-1]) ** 2).sum(0) + (1.0 - inside) * outside_cost).mean()
 
 
 @dataclasses.dataclass
@@ -347,30 +352,25 @@ class Overlap:
         cost = float(torch.quantile(pooled, 0.9)) if len(pooled) else 0.0
         return cls(torch.stack([i, j, k], 1).float(), values, cost)
 
-    @classmethod
-    def at_start(cls, fix, mov, fix_mask, mov_mask) -> Overlap:
-        return cls.build(fix, fix_mask, [(mov, mov_mask)])
-
     def subset(self, limit: int, seed: int = 0) -> Overlap:
-        """A fixed random subset: the refinement's cost is per point, and 8k points pin six parameters."""
+        """A fixed random subset: the refinement's cost is per point, and a few thousand points pin
+        six parameters."""
         if len(self.points) <= limit:
             return self
         pick = torch.randperm(len(self.points), generator=torch.Generator().manual_seed(seed))[:limit]
         pick = pick.sort().values  # in memory order: the samples stay near each other in the image's cache
         return Overlap(self.points[pick], self.values[:, pick], self.outside_cost)
 
-    def distance(self, mov, mov_mask, matrix: torch.Tensor) -> float:
-        """The similarity the never-worse rule compares (lower is better)."""
+    def distance(self, stack: torch.Tensor, matrix: torch.Tensor) -> float:
+        """The similarity the never-worse rule compares (lower is better); `stack`: the moving
+        features with the moving support as a last channel."""
         if len(self.points) == 0:
             return float("nan")
         with torch.no_grad():
             pos = self.points @ matrix[:, :3].T.float() + matrix[:, 3].float()
-            grid = _normalised(pos, mov.shape[2:]).view(1, 1, 1, -1, 3)
-            values = F.grid_sample(torch.cat([mov, mov_mask], 1), grid, mode="bilinear", padding_mode="zeros",
-                                   align_corners=True).view(mov.shape[1] + 1, -1)
-            inside = values[-1].clamp(0.0, 1.0)
-            cost = inside * ((self.values - values[:-1]) ** 2).sum(0) + (1.0 - inside) * self.outside_cost
-            return float(cost.mean())
+            grid = _normalised(pos, stack.shape[2:]).view(1, 1, 1, -1, 3)
+            sampled = F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            return float(_match_cost(self.values, sampled.view(stack.shape[1], -1), self.outside_cost))
 
 
 def _rotation(rotvec: torch.Tensor) -> torch.Tensor:
@@ -380,14 +380,13 @@ def _rotation(rotvec: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(skew)
 
 
-def refine_rigid(overlap: Overlap, mov, mov_mask, start: np.ndarray, centre: torch.Tensor, spacing_mm: float,
+def refine_rigid(overlap: Overlap, stack: torch.Tensor, start: np.ndarray, centre: torch.Tensor, spacing_mm: float,
                  settings: CorrectionSettings) -> np.ndarray:
     """Adam on the six rigid parameters (rotation about `centre`, translation in mm) applied
-    before `start`, minimising `sampled_distance` on a fixed subset of the overlap. Returns the
-    (3, 4) matrix (feature voxels)."""
+    before `start`, minimising `sampled_distance` of the moving `stack` (features, then support)
+    on a fixed subset of the overlap. Returns the (3, 4) matrix (feature voxels)."""
     a0 = torch.from_numpy(start).float()
     sample = overlap.subset(settings.refine_points)
-    stack = torch.cat([mov, mov_mask], 1)
     rotvec = torch.zeros(3, requires_grad=True)
     shift_mm = torch.zeros(3, requires_grad=True)
 
@@ -466,12 +465,12 @@ def correct(fix_feat, fix_mask, movings: dict[str, tuple[torch.Tensor, torch.Ten
     its robust fit, on the same fixed points; the best of these is refined; the answer is kept
     only if it lowers the distance below the best start's, otherwise that start is returned
     unchanged. None when no start overlaps the fixed support."""
-    import time
-
     t0 = time.perf_counter()
     shared = Overlap.build(fix_feat, fix_mask, list(movings.values()))
+    # each start's features and support as one tensor, built once for all its scores and samples
+    stacks = {name: torch.cat([feat, mask], 1) for name, (feat, mask) in movings.items()}
     identity = torch.from_numpy(_IDENTITY)
-    distances = {name: shared.distance(feat, mask, identity) for name, (feat, mask) in movings.items()}
+    distances = {name: shared.distance(stack, identity) for name, stack in stacks.items()}
     usable = [name for name in movings if np.isfinite(distances[name])]
     if not usable:
         return None
@@ -479,13 +478,13 @@ def correct(fix_feat, fix_mask, movings: dict[str, tuple[torch.Tensor, torch.Ten
     for name in usable:
         feat, mask = movings[name]
         fits[name] = robust_fit(fix_feat, feat, fix_mask, mask, spacing_mm, settings)
-    corrected_from = {name: shared.distance(*movings[name], torch.from_numpy(fits[name].matrix_ijk)) for name in usable}
+    corrected_from = {name: shared.distance(stacks[name], torch.from_numpy(fits[name].matrix_ijk)) for name in usable}
     t1 = time.perf_counter()
     candidates = [(distances[n], n, _IDENTITY) for n in usable] + [(corrected_from[n], n, fits[n].matrix_ijk) for n in usable]
     best, start, matrix = min(candidates, key=lambda c: c[0])
     centre = shared.points.mean(0) if len(shared.points) else torch.zeros(3)
-    refined = refine_rigid(shared, *movings[start], matrix, centre, spacing_mm, settings)
-    refined_distance = shared.distance(*movings[start], torch.from_numpy(refined))
+    refined = refine_rigid(shared, stacks[start], matrix, centre, spacing_mm, settings)
+    refined_distance = shared.distance(stacks[start], torch.from_numpy(refined))
     if refined_distance < best:
         best, matrix = refined_distance, refined
     t2 = time.perf_counter()
@@ -510,11 +509,10 @@ def feature_grid(region: Volume, pool: int) -> Volume:
 def features(image: np.ndarray, mask: np.ndarray, pool: int, settings: CorrectionSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """MIND-SSC of an image on the region (k, j, i, float32 in [0, 1]) averaged over its support
     `mask` in pool^3 blocks, and the pooled mask (share of each block inside the support)."""
-    p = pool
     img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     msk = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    inside = F.avg_pool3d(msk, p, stride=p)
-    pooled = F.avg_pool3d(img * msk, p, stride=p) / inside.clamp_min(1e-6)
+    inside = F.avg_pool3d(msk, pool, stride=pool)
+    pooled = F.avg_pool3d(img * msk, pool, stride=pool) / inside.clamp_min(1e-6)
     out = torch.zeros((1, 12) + pooled.shape[2:])
     if not bool((inside > 0).any()):
         return out, inside

@@ -72,6 +72,13 @@ def displacement_to_ras_vectors(disp_ijk: np.ndarray, grid: Volume) -> np.ndarra
     return vectors.T.reshape(*disp_ijk.shape[1:], 3)
 
 
+def ras_vectors_to_lps_image(vectors_ras: np.ndarray, grid: Volume) -> sitk.Image:
+    """(k, j, i, 3) RAS mm displacement vectors on `grid` -> ITK vector image (float64) of LPS mm
+    vectors with the grid's LPS geometry: the inverse of `displacement_to_ras_vectors`' output."""
+    vectors = np.asarray(vectors_ras, np.float64) * np.array([-1.0, -1.0, 1.0])
+    return grid.apply_geometry(sitk.GetImageFromArray(vectors, isVector=True))
+
+
 def displacement_transform(field_lps: sitk.Image) -> sitk.DisplacementFieldTransform:
     # the constructor takes ownership of (and empties) the image it is given: pass a copy
     return sitk.DisplacementFieldTransform(sitk.Cast(field_lps, sitk.sitkVectorFloat64))

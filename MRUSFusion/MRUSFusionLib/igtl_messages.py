@@ -112,22 +112,23 @@ def field_image_to_message(field_lps: sitk.Image, grid: Volume, device: str, tim
     return volume_to_image(vectors, grid, device, timestamp)
 
 
+def _field_grid(message: pyigtl.ImageMessage) -> Volume:
+    """The grid (LPS geometry) of a received displacement IMAGE; InputError if it is not one."""
+    if message.image.ndim != 4 or message.image.shape[3] != 3:
+        raise InputError(f"{message.device_name!r} is not a 3-component displacement image")
+    return Volume.from_ijk_to_lps(message.image[..., 0], _world_matrix_lps(message))
+
+
 def image_to_ras_field(message: pyigtl.ImageMessage) -> tuple[np.ndarray, Volume]:
     """A received displacement IMAGE as it came: (k, j, i, 3) RAS mm vectors (float32, not copied
     when sent so) and its grid (LPS geometry), what `mrml.grid_transform_from_ras` takes."""
-    if message.image.ndim != 4 or message.image.shape[3] != 3:
-        raise InputError(f"{message.device_name!r} is not a 3-component displacement image")
-    vectors = np.asarray(message.image, np.float32)
-    return vectors, Volume.from_ijk_to_lps(vectors[..., 0], _world_matrix_lps(message))
+    grid = _field_grid(message)
+    return np.asarray(message.image, np.float32), grid
 
 
 def image_to_field(message: pyigtl.ImageMessage) -> sitk.Image:
     """The inverse of `displacement_to_image`: a SimpleITK LPS displacement field (LPS vectors)."""
-    if message.image.ndim != 4 or message.image.shape[3] != 3:
-        raise InputError(f"{message.device_name!r} is not a 3-component displacement image")
-    grid = Volume.from_ijk_to_lps(message.image[..., 0], _world_matrix_lps(message))
-    vectors = np.asarray(message.image, np.float64) * np.array([-1.0, -1.0, 1.0])
-    return grid.apply_geometry(sitk.GetImageFromArray(vectors, isVector=True))
+    return fields.ras_vectors_to_lps_image(message.image, _field_grid(message))
 
 
 def rigid_to_parent_ras(rigid_lps: sitk.AffineTransform) -> np.ndarray:

@@ -55,8 +55,7 @@ class LiveResult:
 
     def field_lps(self) -> sitk.Image:
         """The field as an ITK displacement image (LPS vectors and geometry), for files and checks."""
-        vectors = self.field_ras.astype(np.float64) * np.array([-1.0, -1.0, 1.0])
-        return self.field_grid.apply_geometry(sitk.GetImageFromArray(vectors, isVector=True))
+        return fields.ras_vectors_to_lps_image(self.field_ras, self.field_grid)
 
 
 class LiveRegistration:
