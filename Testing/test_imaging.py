@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 from conftest import oblique_volume, smooth_image
 from deepnav.errors import InputError
-from deepnav.imaging import Volume, read_volume, require_finite, require_same_grid, resample_to_grid, write_volume
+from deepnav.imaging import Volume, read_sitk, read_volume, require_finite, require_same_grid, resample_to_grid, write_volume
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
@@ -40,6 +40,46 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
     junk.write_bytes(b"this is not an image")
     with pytest.raises(InputError, match="cannot read MR"):
         read_volume(junk, what="MR")
+
+
+def _voxel_file(path):
+    """The file that holds the voxels: the file itself, or a detached header's data file."""
+    if path.suffix == ".nhdr":
+        name = next(line.split(":", 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("data file"))
+        return path.parent / name
+    return path
+
+
+@pytest.mark.parametrize("suffix,compress", [(".nii.gz", True), (".nii", False), (".nrrd", True), (".nrrd", False),
+                                             (".mha", True), (".mha", False), (".nhdr", True), (".nhdr", False)])
+def test_a_file_cut_short_or_damaged_is_refused_not_zero_filled(tmp_path, suffix, compress):
+    # SimpleITK reads a cut NIfTI with zeros for the missing half, and a damaged gzip NRRD or
+    # compressed MetaImage with wrong voxels, all without an error
+    noise = np.random.default_rng(0).normal(size=(20, 30, 40)).astype(np.float32)
+    path = write_volume(oblique_volume(noise), tmp_path / f"v{suffix}", compress=compress)
+    np.testing.assert_array_equal(read_volume(path).array, noise)  # whole: read as written
+    voxels = _voxel_file(path)
+    whole = voxels.read_bytes()
+    damaged = {"half": whole[: len(whole) // 2], "one byte short": whole[:-1]}
+    if compress:  # one bit flipped a little before the end, inside the compressed data
+        flipped = bytearray(whole)
+        flipped[-20] ^= 0x10
+        damaged["one bit flipped"] = bytes(flipped)
+    for how, data in damaged.items():
+        voxels.write_bytes(data)
+        with pytest.raises(InputError, match=r"MR .* is truncated or corrupt"):
+            read_volume(path, what="MR")
+            pytest.fail(f"{how} was read")
+
+
+def test_a_truncated_jpeg_is_refused_not_filled_grey(tmp_path):
+    picture = sitk.GetImageFromArray(np.random.default_rng(1).integers(0, 255, (64, 80)).astype(np.uint8))
+    sitk.WriteImage(picture, str(tmp_path / "frame.jpg"))
+    assert read_sitk(tmp_path / "frame.jpg").GetSize() == (80, 64)
+    data = (tmp_path / "frame.jpg").read_bytes()
+    (tmp_path / "frame.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        read_sitk(tmp_path / "frame.jpg")
 
 
 def test_2d_and_vector_images_are_rejected(tmp_path):

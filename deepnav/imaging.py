@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from deepnav.errors import InputError
+from deepnav.image_integrity import check_image_file
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -127,11 +128,14 @@ class Volume:
 
 
 def read_sitk(path: str | Path, *, what: str = "image") -> sitk.Image:
-    """Any image file SimpleITK reads; InputError (one clear line) for a missing or unreadable one."""
+    """Any image file SimpleITK reads; InputError (one clear line) for a missing or unreadable one,
+    or one cut short or damaged (which SimpleITK may read with zeros in place of the missing voxels).
+    Every module reads its images through here."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
     try:
+        check_image_file(path, what)
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"cannot read {what} {path}: {str(exc).strip().splitlines()[-1]}") from None
