@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from deepnav.errors import InputError
+from deepnav.outputs import require_writable_folder
 from deepnav.progress import print_progress
 
 DEFAULT_ABDOMEN = Path(__file__).resolve().parents[3] / "shared" / "data" / "abdomen"
@@ -108,6 +109,7 @@ def _simulate(args) -> int:
     from LiverLesionSegLib.dataset import write_simulated
     from LiverLesionSegLib.simulator import simulate_case
 
+    require_writable_folder(args.out)
     if not 0 <= args.seed < 1000 or args.cases > 1000:
         raise InputError("--seed must be in 0..999 and --cases at most 1000 (higher seeds are kept for evaluation)")
     abdomen_for = _abdomen_for_seed(args, args.synthetic_share)
@@ -129,6 +131,7 @@ def _train(args) -> int:
     from LiverLesionSegLib.model_io import save_model
     from LiverLesionSegLib.training import TrainConfig, train
 
+    require_writable_folder(args.out)
     configure_threads()
     config = TrainConfig(seed=args.seed)
     for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction", "liver_fraction", "val_every"):
@@ -170,6 +173,7 @@ def _segment(args) -> int:
     from deepnav.imaging import read_volume
     from LiverLesionSegLib.pipeline import read_phase, segment_study
 
+    require_writable_folder(args.out)
     phases = {}
     for item in args.phase:
         name, sep, rest = item.partition("=")
@@ -195,6 +199,7 @@ def _segment(args) -> int:
 def _evaluate(args) -> int:
     from LiverLesionSegLib.evaluation import evaluate, format_table, write_report
 
+    require_writable_folder(args.json.parent, "folder of --json")
     model = _load(args)
     report = evaluate(model, _abdomen_for_seed(args, 0.25), args.cases, args.seed)
     print(format_table(report))
@@ -209,6 +214,7 @@ def _register(args) -> int:
     from deepnav.imaging import read_volume
     from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk
 
+    require_writable_folder(args.out.parent, "folder of --out")
     reference = read_volume(args.reference, what="reference phase")
     moving = read_volume(args.moving, what="moving phase")
     run = register_phase if args.method == "pso-powell" else register_phase_sitk
