@@ -98,6 +98,27 @@ def test_weight_average_moves_towards_the_trained_weights_and_is_what_training_k
     assert float((raw - average_bias).abs().max()) > 1e-6
 
 
+def test_weight_average_is_the_exponential_moving_average_exactly():
+    """torch's AveragedModel (get_ema_multi_avg_fn) gives the very weights of the moving average
+    written out with the public lerp, from the first update on (its first update_parameters would
+    otherwise copy the model instead of averaging)."""
+    from MRUSFusionLib.networks import Cascade
+    from MRUSFusionLib.training import WeightAverage
+
+    torch.manual_seed(0)
+    model = Cascade()
+    average = WeightAverage(model, 0.9)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        average.update(model)
+        expected = [torch.lerp(e, p.detach(), 0.1) for e, p in zip(expected, model.parameters(), strict=True)]
+    for got, want in zip(average.model.parameters(), expected, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_a_run_resumed_with_weight_averaging_newly_asked_for_starts_it_at_the_resumed_weights(samples, tmp_path):
     train(samples[:1], samples[1:], tmp_path, _tiny(bspline_epochs=0), progress=silent)
     resumed = checkpoint_config(tmp_path)

@@ -8,7 +8,6 @@ best-validation weights kept apart. Seeds make runs repeatable.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from deepnav.errors import InputError
 from deepnav.model_files import save_atomic
@@ -173,12 +173,15 @@ class WeightAverage:
     validation TRE still moved by up to 0.7 mm between consecutive epochs (0.9 mm without it)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.model = copy.deepcopy(model)
         self.decay = decay
+        self._averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))  # a copy of `model`
+        # the copy is the average's first value: the next update averages with it, not replaces it
+        # (AveragedModel's first update_parameters otherwise copies the model)
+        self._averaged.n_averaged.fill_(1)
+        self.model = self._averaged.module  # state_dict keys as the model's (checkpoints, best.pt)
 
-    @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - self.decay)
+        self._averaged.update_parameters(model)
 
 
 def _block(shape: list[int], size: int, fov: torch.Tensor, rng: np.random.Generator) -> tuple[slice, ...]:
