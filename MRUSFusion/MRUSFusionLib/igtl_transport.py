@@ -1,9 +1,11 @@
 """OpenIGTLink framing over a TCP socket: pyigtl's message formats, our own transport.
 
 pyigtl 0.3.4 packs and parses message bodies well, and we use it for that (`_pack_content`,
-`unpack`). Its transport is not usable for volumes (see CONVENTIONS.md): a hard-coded 10 ms
-socket timeout makes `sendall` of a multi-MB image fail, the receive path grows the body with
-`bytes +=` (quadratic), and its CRC64 (crcmod, ~0.4 GB/s) costs 40 ms per 16 MB each way. Here:
+`unpack`). Its transport is not usable for volumes (pyigtl/comm.py of 0.3.4, in the venv or at
+https://github.com/lassoan/pyigtl/blob/master/pyigtl/comm.py): a hard-coded 10 ms socket timeout
+(`settimeout(0.01)`) makes `sendall` of a multi-MB image fail, the receive path grows the body
+with `body += chunk` (quadratic), and its CRC64 (crcmod, ~0.4 GB/s) costs 40 ms per 16 MB each
+way. Here:
 - the body is received into one preallocated buffer with `recv_into` (linear, no copies);
 - sends loop over `socket.send` with a stall deadline, never a short total timeout;
 - header and body go out as two buffers (no concatenation of a 75 MB body with its header);
