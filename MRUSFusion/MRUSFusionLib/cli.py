@@ -87,6 +87,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--echo", action="store_true", help="send each volume straight back (transport test)")
     p.add_argument("--max-frames", type=int, help="stop after this many registered frames")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--max-clients", type=int, default=8,
+                   help="peers served at once (one reader thread each); more are refused with a STATUS")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("demo", help="live fusion demo: the service and a simulated scanner over loopback OpenIGTLink")
@@ -267,7 +269,7 @@ def _serve(args) -> int:
         print_progress(0.0, "warming up")
         processor.warm_up()
     service = FusionService(processor, host=args.host, port=args.port, devices=tuple(args.us_device or ()),
-                            connect=connect, max_frames=args.max_frames)
+                            connect=connect, max_frames=args.max_frames, max_clients=args.max_clients)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop())
     try:

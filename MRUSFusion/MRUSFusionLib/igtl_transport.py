@@ -6,8 +6,16 @@ https://github.com/lassoan/pyigtl/blob/master/pyigtl/comm.py): a hard-coded 10 m
 (`settimeout(0.01)`) makes `sendall` of a multi-MB image fail, the receive path grows the body
 with `body += chunk` (quadratic), and its CRC64 (crcmod, ~0.4 GB/s) costs 40 ms per 16 MB each
 way. Here:
-- the body is received into one preallocated buffer with `recv_into` (linear, no copies);
-- sends loop over `socket.send` with a stall deadline, never a short total timeout;
+- the body is received with `recv_into` into a buffer that grows (doubling) as its bytes arrive:
+  memory follows what came, not what a header claims (a 58-byte header claiming 1 GiB used to
+  buy a 1 GiB buffer at once); an IMAGE's size is checked against its own fields (dimensions,
+  scalar type, components) as soon as they arrive, and a body that contradicts them is skipped
+  through a small scratch buffer, never stored;
+- each message, either way, has a pace: no pause longer than the stall timeout, and after that
+  grace an average of at least MIN_RATE_BYTES_PER_S, so a message of n bytes is done within
+  stall + n / rate (a stall timer alone restarts on every byte: one byte a second held a
+  connection, and its buffer, for ever);
+- sends loop over `socket.send`, never a short total timeout;
 - header and body go out as two buffers (no concatenation of a 75 MB body with its header);
 - the CRC is the same CRC-64/ECMA-182 from `fastcrc` (SIMD, ~20 GB/s; equality tested).
 We always send header version 1 (protocol v2), which every peer reads, including Debian's
@@ -16,6 +24,7 @@ reference C++ library 1.11; we read header versions 1 and 2.
 
 from __future__ import annotations
 
+import math
 import queue
 import socket
 import struct
@@ -24,6 +33,7 @@ import time
 from collections.abc import Sequence
 
 import fastcrc
+import numpy as np
 import pyigtl
 
 from MRUSFusionLib.igtl_messages import StatusMessage
@@ -32,7 +42,17 @@ HEADER = struct.Struct(">H12s20sIIQQ")  # version, type, device, seconds, fracti
 HEADER_SIZE = HEADER.size  # 58
 MAX_BODY_BYTES = 1 << 30  # 1 GiB: a 65535-wide IMAGE is legal but nothing we serve comes near this
 STALL_TIMEOUT_S = 5.0  # a message that stops arriving (or leaving) for this long is abandoned
+# after the stall timeout's grace a message must average this rate: a 75 MB volume may take 80 s
+# (loopback does ~1 GB/s, a slow hospital network ~10 MB/s); a dribbler is cut after the grace
+MIN_RATE_BYTES_PER_S = 1 << 20
+FIRST_BUFFER_BYTES = 1 << 20  # a body's buffer starts at this (or the body's size) and doubles as bytes arrive
+_SCRATCH_BYTES = 1 << 16  # what a skipped body is read through
 _POLL_S = 0.25  # how often a waiting reader looks at its stop flag
+# an IMAGE body starts (after header version 2's extended header) with this 72-byte image header:
+# version, components, scalar type, endianness, coordinates, size ijk, 12 floats of matrix,
+# subvolume offset and size (the voxels that follow are the subvolume's)
+IMAGE_HEAD = struct.Struct(">HBBBBHHH12fHHHHHH")
+EXTENDED_HEAD = struct.Struct(">HHII")  # header version 2: its size, metadata header and body sizes, message id
 
 
 def crc64(data) -> int:
@@ -88,12 +108,63 @@ def parse_header(raw: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> dict:
             "timestamp": seconds + fraction / 2**32, "body_size": body_size, "crc": crc}
 
 
+def image_body_size(prefix, header_version: int) -> int | None:
+    """The body size an IMAGE's own fields make (extended header, image header, voxels, metadata),
+    from the body's first bytes; None while too few of them have arrived. ValueError for a scalar
+    type OpenIGTLink does not have."""
+    extended = metadata = 0
+    if header_version > 1:
+        if len(prefix) < EXTENDED_HEAD.size:
+            return None
+        extended, metadata_head, metadata_body, _ = EXTENDED_HEAD.unpack_from(prefix)
+        metadata = metadata_head + metadata_body
+    if len(prefix) < extended + IMAGE_HEAD.size:
+        return None
+    head = IMAGE_HEAD.unpack_from(prefix, extended)
+    components, scalar_type, subvolume_size = head[1], head[2], head[23:26]
+    if scalar_type not in pyigtl.ImageMessage.scalar_types:
+        raise ValueError(f"scalar type {scalar_type} is not an OpenIGTLink one")
+    voxel_bytes = np.dtype(pyigtl.ImageMessage.scalar_types[scalar_type]).itemsize * components
+    return extended + IMAGE_HEAD.size + voxel_bytes * math.prod(subvolume_size) + metadata
+
+
+class _Pace:
+    """The clock of one message on the wire, from its first byte: it may not pause for longer than
+    `stall_s`, and after that grace it must average `min_rate` bytes/s."""
+
+    def __init__(self, stall_s: float, min_rate: float, total: int):
+        self.stall_s, self.min_rate, self.total = stall_s, min_rate, total
+        self.done = 0
+        self.started = self.last = None  # monotonic times of the first and the latest bytes
+
+    def progress(self, n: int) -> str | None:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        self.last, self.done = now, self.done + n
+        return self.problem(now)
+
+    def problem(self, now: float | None = None) -> str | None:
+        """Why the message must be abandoned, or None (always None before its first byte: a quiet
+        peer between messages is allowed)."""
+        if self.started is None:
+            return None
+        now = time.monotonic() if now is None else now
+        if now - self.last > self.stall_s:
+            return f"message stalled: {self.done} of {self.total} bytes, then nothing for {self.stall_s:.1f} s"
+        elapsed = now - self.started
+        if self.done < self.min_rate * (elapsed - self.stall_s):
+            return (f"message too slow: {self.done} of {self.total} bytes in {elapsed:.1f} s, below the minimum "
+                    f"of {self.min_rate / 2**20:.2f} MiB/s after {self.stall_s:.1f} s")
+        return None
+
+
 class Connection:
     """One OpenIGTLink peer. `receive` is for one reader thread; `send` may be called from any
     thread (a lock keeps messages whole)."""
 
     def __init__(self, sock: socket.socket, *, stall_timeout_s: float = STALL_TIMEOUT_S,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, min_rate_bytes_per_s: float = MIN_RATE_BYTES_PER_S):
         self.sock = sock
         self.sock.settimeout(_POLL_S)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -101,6 +172,7 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.stall_timeout_s = stall_timeout_s
         self.max_body_bytes = max_body_bytes
+        self.min_rate = min_rate_bytes_per_s
         self._send_lock = threading.Lock()
         self.closed = threading.Event()
         try:
@@ -114,36 +186,70 @@ class Connection:
         return cls(socket.create_connection((host, port), timeout=timeout_s), **kwargs)
 
     # -- receiving ---------------------------------------------------------------------------
-    def _read_into(self, view: memoryview, stop: threading.Event | None, idle_ok: bool) -> None:
-        """Fill `view` completely. Waiting before the first byte is unbounded when `idle_ok`
-        (a quiet client is allowed); once bytes flow, a stall longer than the timeout is fatal."""
-        got, last_progress = 0, time.monotonic()
-        while got < len(view):
+    def _recv(self, view: memoryview, stop: threading.Event | None, pace: _Pace) -> int:
+        """Some bytes (at least one) into `view`, within the message's pace."""
+        while True:
             if stop is not None and stop.is_set():
                 raise ConnectionClosed("stopping")
             try:
-                n = self.sock.recv_into(view[got:])
+                n = self.sock.recv_into(view)
             except TimeoutError:
-                if (got or not idle_ok) and time.monotonic() - last_progress > self.stall_timeout_s:
-                    raise ProtocolError(f"message stalled: {got} of {len(view)} bytes arrived, then nothing for "
-                                        f"{self.stall_timeout_s:.1f} s", fatal=True, status_code=7) from None
-                continue
+                n = None
             except OSError as exc:
                 raise ConnectionClosed(str(exc)) from None
             if n == 0:
                 raise ConnectionClosed("peer closed the connection" +
-                                       (f" after {got} of {len(view)} bytes of a message" if got or not idle_ok else ""))
-            got += n
-            last_progress = time.monotonic()
+                                       (f" after {pace.done} of {pace.total} bytes of a message" if pace.done else ""))
+            problem = pace.problem() if n is None else pace.progress(n)
+            if problem:
+                raise ProtocolError(problem, fatal=True, status_code=7)  # 7: time-out
+            if n:
+                return n
+
+    def _fill(self, view: memoryview, stop: threading.Event | None, pace: _Pace) -> None:
+        got = 0
+        while got < len(view):
+            got += self._recv(view[got:], stop, pace)
+
+    def _receive_body(self, fields: dict, stop: threading.Event | None, pace: _Pace) -> bytearray:
+        """The body, in a buffer that grows as it arrives. An IMAGE whose own fields contradict
+        the announced size is read through a scratch buffer and rejected (the stream stays in sync)."""
+        size, device = fields["body_size"], fields["device_name"]
+        body = bytearray(min(size, FIRST_BUFFER_BYTES))
+        got = 0
+        expected = None if fields["message_type"] == "IMAGE" else size  # by the IMAGE's fields, once they arrive
+        while got < size:
+            if got == len(body):
+                body.extend(bytes(min(size, 2 * len(body)) - len(body)))  # no view of it is left: resizable
+            got += self._recv(memoryview(body)[got:], stop, pace)
+            if expected is None:
+                try:
+                    expected = image_body_size(memoryview(body)[:got], fields["header_version"])
+                    problem = f"its fields make a {expected}-byte body, the header announces {size}"
+                except ValueError as exc:
+                    expected, problem = -1, str(exc)
+                if expected not in (None, size):
+                    del body
+                    self._skip(size - got, stop, pace)
+                    raise ProtocolError(f"malformed IMAGE body from {device!r} ({problem})", fatal=False,
+                                        device=device)
+        return body
+
+    def _skip(self, n: int, stop: threading.Event | None, pace: _Pace) -> None:
+        """Read `n` bytes through a small scratch buffer: a rejected body costs no memory."""
+        scratch = memoryview(bytearray(min(_SCRATCH_BYTES, n)))
+        while n > 0:
+            n -= self._recv(scratch[:n], stop, pace)
 
     def receive(self, stop: threading.Event | None = None) -> tuple[pyigtl.MessageBase, dict]:
         """The next message and its header fields. Raises ConnectionClosed, or ProtocolError:
         non-fatal ones (bad CRC, unknown type, malformed body) leave the stream in sync."""
         raw = bytearray(HEADER_SIZE)
-        self._read_into(memoryview(raw), stop, idle_ok=True)
+        pace = _Pace(self.stall_timeout_s, self.min_rate, HEADER_SIZE)
+        self._fill(memoryview(raw), stop, pace)
         fields = parse_header(bytes(raw), self.max_body_bytes)
-        body = bytearray(fields["body_size"])
-        self._read_into(memoryview(body), stop, idle_ok=False)
+        pace.total += fields["body_size"]
+        body = self._receive_body(fields, stop, pace)
         device, mtype = fields["device_name"], fields["message_type"]
         if crc64(body) != fields["crc"]:
             raise ProtocolError(f"{mtype} message from {device!r}: CRC mismatch (corrupted body)", fatal=False,
@@ -166,21 +272,28 @@ class Connection:
         self.send_buffers(encode(message))
 
     def send_buffers(self, buffers: Sequence) -> None:
+        """One message's buffers, whole, within its pace (a peer that reads too slowly is dropped:
+        it would hold the worker that sends to it)."""
+        views = [memoryview(buffer).cast("B") for buffer in buffers]
         with self._send_lock:
-            for buffer in buffers:
-                self._send_all(memoryview(buffer).cast("B"))
+            pace = _Pace(self.stall_timeout_s, self.min_rate, sum(len(v) for v in views))
+            pace.started = pace.last = time.monotonic()
+            for view in views:
+                self._send_all(view, pace)
 
-    def _send_all(self, view: memoryview) -> None:
-        sent, last_progress = 0, time.monotonic()
+    def _send_all(self, view: memoryview, pace: _Pace) -> None:
+        sent = 0
         while sent < len(view):
             try:
-                sent += self.sock.send(view[sent:])
-                last_progress = time.monotonic()
+                n = self.sock.send(view[sent:])
             except TimeoutError:
-                if time.monotonic() - last_progress > self.stall_timeout_s:
-                    raise ConnectionClosed(f"peer stopped reading ({sent} of {len(view)} bytes sent)") from None
+                n = 0
             except OSError as exc:
                 raise ConnectionClosed(str(exc)) from None
+            sent += n
+            problem = pace.progress(n) if n else pace.problem()
+            if problem:
+                raise ConnectionClosed(f"peer reads too slowly: {problem}")
 
     def close(self) -> None:
         self.closed.set()

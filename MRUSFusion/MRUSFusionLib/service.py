@@ -7,7 +7,10 @@ waiting replaces it (and is counted as dropped), so results never lag behind the
 result goes back on the connection the frame came from: the warped US, the rigid TRANSFORM,
 the displacement field, and last a STRING report (its arrival marks the frame complete).
 Nothing a peer sends can stop the service: a bad message is answered with a STATUS (where the
-stream is still in sync) or ends that one connection, and the worker survives any frame.
+stream is still in sync) or ends that one connection, and the worker survives any frame. At most
+`max_clients` peers are served at once (one reader thread each); more are refused with a STATUS.
+The accept loop outlives any failure to accept (out of descriptors, a peer gone first): it backs
+off and tries again until the service stops.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from MRUSFusionLib.registration import Registration, correct_result, register
 log = logging.getLogger("deepnav.fusion.service")
 
 DEFAULT_PORT = 18944
+# a scanner (or PLUS), Slicer and a few monitoring clients; each costs a reader thread and a socket
+DEFAULT_MAX_CLIENTS = 8
+_ACCEPT_BACKOFF_S = (0.05, 1.0)  # first and longest wait after a failed accept
 
 
 @dataclasses.dataclass
@@ -154,13 +160,15 @@ class Session:
 class FusionService:
     def __init__(self, processor: FrameProcessor, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  devices: tuple[str, ...] | None = None, connect: tuple[str, int] | None = None,
-                 stall_timeout_s: float = 5.0, max_frames: int | None = None):
+                 stall_timeout_s: float = 5.0, max_frames: int | None = None, max_clients: int = DEFAULT_MAX_CLIENTS):
         self.processor = processor
         self.host, self.port = host, port
         self.devices = set(devices) if devices else None  # None: any device name
         self.connect_to = connect
         self.stall_timeout_s = stall_timeout_s
         self.max_frames = max_frames
+        self.max_clients = max_clients
+        self.clients_refused = 0
         self.stopped = threading.Event()
         self.mailbox = LatestFrameMailbox()
         self.frames_processed = 0
@@ -216,7 +224,7 @@ class FusionService:
         with self._lock:
             connected = len(self._sessions)
         return {"frames_processed": self.frames_processed, "frames_dropped": self.mailbox.dropped,
-                "errors": self.errors, "clients": connected}
+                "errors": self.errors, "clients": connected, "clients_refused": self.clients_refused}
 
     @property
     def alive(self) -> bool:
@@ -231,16 +239,60 @@ class FusionService:
 
     # -- connections -------------------------------------------------------------------------
     def _accept_loop(self) -> None:
+        backoff, failures = _ACCEPT_BACKOFF_S[0], 0
         while not self.stopped.is_set():
             try:
                 sock, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                break
-            session = Session(Connection(sock, stall_timeout_s=self.stall_timeout_s))
-            log.info("client %s connected", session.conn.peer)
-            self._spawn(self._read_loop, f"igtl-read-{session.conn.peer}", session)
+            except OSError as exc:
+                if self.stopped.is_set():  # close() closed the listener
+                    break
+                # out of descriptors (EMFILE, ENFILE), a peer that left first (ECONNABORTED), no
+                # buffers (ENOBUFS)...: all pass. The waiting connection stays queued, so accept
+                # would fail again at once: back off instead of spinning, and say it once a streak
+                failures += 1
+                if failures == 1:
+                    log.warning("cannot accept connections (%s); retrying until it works", exc)
+                self.stopped.wait(backoff)
+                backoff = min(2 * backoff, _ACCEPT_BACKOFF_S[1])
+                continue
+            if failures:
+                log.warning("accepting connections again after %d failed attempts", failures)
+                backoff, failures = _ACCEPT_BACKOFF_S[0], 0
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Serve a new peer with its own reader thread, or refuse it when `max_clients` are served."""
+        try:
+            conn = Connection(sock, stall_timeout_s=self.stall_timeout_s)
+        except OSError as exc:  # it left between accept and here
+            log.info("client left before it was served (%s)", exc)
+            sock.close()
+            return
+        session = Session(conn)
+        with self._lock:
+            full = len(self._sessions) >= self.max_clients
+            if not full:
+                self._sessions.add(session)
+        if full:
+            self.clients_refused += 1
+            text = f"refused client {conn.peer}: {self.max_clients} clients are connected, the limit (--max-clients)"
+            log.warning(text)
+            try:  # a new socket's send buffer is empty: a short STATUS does not block this loop
+                conn.send(msgs.error_status(text, "DeepNav", time.time(), code=6))  # 6: busy
+            except ConnectionClosed:
+                pass
+            conn.close()
+            return
+        log.info("client %s connected", conn.peer)
+        try:
+            self._spawn(self._read_loop, f"igtl-read-{conn.peer}", session)
+        except RuntimeError as exc:  # the system has no thread for it
+            log.warning("client %s dropped: %s", conn.peer, exc)
+            with self._lock:
+                self._sessions.discard(session)
+            conn.close()
 
     def _connect_loop(self) -> None:
         """Connect out to a US source (as Slicer connects to PLUS); reconnect when it drops."""
@@ -253,12 +305,14 @@ class FusionService:
                 self.stopped.wait(1.0)
                 continue
             log.info("connected to US source %s:%d", host, port)
-            self._read_loop(Session(conn))
+            session = Session(conn)
+            with self._lock:
+                self._sessions.add(session)
+            self._read_loop(session)
             self.stopped.wait(0.5)
 
     def _read_loop(self, session: Session) -> None:
-        with self._lock:
-            self._sessions.add(session)
+        """Serve one registered session until it ends; then it leaves the registry."""
         try:
             while not self.stopped.is_set():
                 try:
