@@ -6,11 +6,12 @@ pack, CRC, loopback both ways, parse) and registering it (the real service). A s
 scanner streams frames at a fixed rate over loopback OpenIGTLink. Reported per run:
 end-to-end latency p50/p95 (send to report received), per-stage medians, throughput, dropped
 frames, and resident memory (peak, and its growth over the second half: flat means no
-per-frame leak); a latency trend over the run shows whether a backlog grows.
+per-frame leak), descriptors and threads; a latency trend over the run shows whether a backlog grows.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -26,22 +27,36 @@ from MRUSFusionLib.service import EchoProcessor, FusionProcessor, FusionService
 BENCH_PATIENT_SEED = 42
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+def _rss_mb(pid: int | None = None) -> float:
+    """Resident memory of a process (this one by default), MB."""
+    with open(f"/proc/{pid or 'self'}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class MemorySampler:
-    """Resident memory of this process every `period_s`, in a thread."""
+def process_figures(pid: int | None = None) -> dict:
+    """Resident memory (MB), open descriptors and threads of a process (this one by default)."""
+    base = f"/proc/{pid or 'self'}"
+    with open(f"{base}/status") as f:
+        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    return {"rss_mb": _rss_mb(pid), "descriptors": len(os.listdir(f"{base}/fd")), "threads": threads}
 
-    def __init__(self, period_s: float = 0.5):
-        self.samples: list[tuple[float, float]] = []
+
+class ProcessSampler:
+    """Resident memory, descriptors and threads of a process (this one by default) every
+    `period_s`, in a thread; a process that has ended stops the sampling."""
+
+    def __init__(self, pid: int | None = None, period_s: float = 0.5):
+        self.pid = pid
+        self.samples: list[tuple[float, dict]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(period_s,), daemon=True)
 
     def _run(self, period_s: float) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), _rss_mb()))
+            try:
+                self.samples.append((time.perf_counter(), process_figures(self.pid)))
+            except OSError:  # the process is gone
+                return
             self._stop.wait(period_s)
 
     def __enter__(self):
@@ -53,13 +68,17 @@ class MemorySampler:
         self._thread.join()
 
     def summary(self) -> dict:
-        """Peak, and the median in each quarter of the run: the allocator breathes by some tens of
-        MB; a per-frame leak would climb quarter after quarter (a 16 MB frame at 2 Hz: ~1.9 GB/min)."""
-        t, rss = np.array(self.samples).T
+        """Memory: peak, and the median in each quarter of the run: the allocator breathes by some
+        tens of MB; a per-frame leak would climb quarter after quarter (a 16 MB frame at 2 Hz:
+        ~1.9 GB/min). Descriptors and threads: at the start, at most, at the end."""
+        t = np.array([s[0] for s in self.samples])
+        rss = np.array([s[1]["rss_mb"] for s in self.samples])
         quarter = np.minimum(((t - t[0]) / max(t[-1] - t[0], 1e-9) * 4).astype(int), 3)
         medians = [float(np.median(rss[quarter == q])) if np.any(quarter == q) else float("nan") for q in range(4)]
+        counts = {name: [s[1][name] for s in self.samples] for name in ("descriptors", "threads")}
         return {"peak_mb": float(rss.max()), "start_mb": float(rss[0]), "end_mb": float(rss[-1]),
-                "quarter_median_mb": medians, "growth_q2_to_q4_mb": medians[3] - medians[1]}
+                "quarter_median_mb": medians, "growth_q2_to_q4_mb": medians[3] - medians[1],
+                **{name: {"start": v[0], "max": max(v), "end": v[-1]} for name, v in counts.items()}}
 
 
 def bench_volume(frame: Volume, size: int) -> Volume:
@@ -102,7 +121,7 @@ def run_benchmark(model: LoadedModel, *, frames: int = 300, rate_hz: float = 2.0
         for processor in processors:
             log(f"{size}^3 uint8 ({volume.array.nbytes / 2**20:.0f} MB), {processor.name}: "
                 f"{frames} frames at {rate_hz:g} Hz")
-            with MemorySampler() as memory, FusionService(processor, port=0) as service:
+            with ProcessSampler() as memory, FusionService(processor, port=0) as service:
                 run = stream("127.0.0.1", service.port, [volume], count=frames, rate_hz=rate_hz)
             summary = latency_summary(run)
             runs.append({"size": size, "megabytes": volume.array.nbytes / 2**20, "mode": processor.name,
