@@ -219,7 +219,7 @@ class FetalBiometryLogic(ScriptedLoadableModuleLogic):
     def measureFolder(self, folder: str, csvPath=None, modelPath=None, progress=None) -> list[dict]:
         """Measure every image in a folder (pixel sizes from an HC18-style CSV, or DICOM)."""
         ensure_dependencies()
-        from FetalBiometryLib.hc18 import read_pixel_sizes
+        from FetalBiometryLib.hc18 import csv_pixel_size, read_pixel_sizes
         from FetalBiometryLib.pipeline import measure_file
 
         table = read_pixel_sizes(csvPath) if csvPath else {}
@@ -229,7 +229,8 @@ class FetalBiometryLogic(ScriptedLoadableModuleLogic):
         for k, name in enumerate(names):
             if progress and progress(k / max(len(names), 1), name):
                 break
-            row, _result = measure_file(self.segmenter(modelPath), Path(folder) / name, table.get(name, (None,))[0])
+            given, whyNone = csv_pixel_size(table, csvPath, Path(folder) / name) if csvPath else (None, None)
+            row, _result = measure_file(self.segmenter(modelPath), Path(folder) / name, given, whyNone)
             rows.append(row)
         self.rows.extend(rows)
         self.tableNode()

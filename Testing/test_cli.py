@@ -1,13 +1,17 @@
 """The command line works on real files and fails with one clear line on bad input."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from deepnav.cli import main
 from deepnav.imaging import read_volume, write_volume
+from deepnav.torch_runtime import pick_device
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,74 @@ def test_missing_file_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "MR file not found" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+# Every command that writes, with its output at OUT (a folder) or inside it (a file); its inputs
+# may be missing: the output is checked first, before any input is read or model loaded.
+WRITING_COMMANDS = {
+    "fusion phantom": ["fusion", "phantom", "--out", "OUT"],
+    "fusion train": ["fusion", "train", "--synthetic", "3", "--out", "OUT"],
+    "fusion register": ["fusion", "register", "--mr", "mr.nrrd", "--us", "us.nrrd", "--out", "OUT"],
+    "fusion demo": ["fusion", "demo", "--out", "OUT"],
+    "fusion bench-stream": ["fusion", "bench-stream", "--json", "OUT/stream.json"],
+    "fusion evaluate": ["fusion", "evaluate", "--json", "OUT/eval.json"],
+    "liver simulate": ["liver", "simulate", "--cases", "1", "--out", "OUT"],
+    "liver train": ["liver", "train", "data", "--out", "OUT"],
+    "liver segment": ["liver", "segment", "--phase", "venous=ct.nii.gz", "--out", "OUT"],
+    "liver evaluate": ["liver", "evaluate", "--cases", "1", "--json", "OUT/eval.json"],
+    "liver register": ["liver", "register", "--reference", "a.nii.gz", "--moving", "b.nii.gz", "--out", "OUT/t.tfm"],
+    "fetal measure": ["fetal", "measure", "FetalBiometry/Resources/Samples/279_HC.png", "--pixel-size", "0.1",
+                      "--json", "OUT/m.json"],
+    "fetal train": ["fetal", "train", "--data", "hc18", "--out", "OUT"],
+    "fetal evaluate": ["fetal", "evaluate", "--data", "hc18", "--json", "OUT/m.json"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(WRITING_COMMANDS))
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command):
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # the fetal sample image is named relative to the repository
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes through permissions; sysfs takes no new file from anyone
+        read_only = Path("/sys")
+    for out, why in ((blocker / "out", "is a file, not a folder"), (read_only, "")):
+        argv = [a.replace("OUT", str(out)) for a in WRITING_COMMANDS[command]]
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("deepnav: error: cannot write to the ") and why in err, (argv, err)
+        assert "\n" not in err
+
+
+def test_a_device_torch_cannot_use_is_one_clear_line(patient_dir, tmp_path, capsys):
+    argv = ["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--us", str(patient_dir / "us_00.nrrd"),
+            "--fast", "--out", str(tmp_path / "o"), "--device"]
+    assert main(argv + ["tpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown device 'tpu'" in err and "gpu" in err and "\n" not in err
+    if torch.cuda.is_available():  # "gpu" is TotalSegmentator's spelling of cuda
+        assert pick_device("gpu") == pick_device("cuda")
+    else:
+        for name in ("cuda", "gpu", "GPU"):
+            assert main(argv + [name]) == 2
+            err = capsys.readouterr().err.strip()
+            assert "torch sees none" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_truncated_input_is_refused_not_zero_filled(patient_dir, tmp_path, capsys):
+    mr = read_volume(patient_dir / "mr.nrrd")
+    data = write_volume(mr, tmp_path / "mr.nii.gz").read_bytes()
+    (tmp_path / "mr.nii.gz").write_bytes(data[: len(data) // 2])  # a copy that stopped half-way
+    code = main(["fusion", "register", "--mr", str(tmp_path / "mr.nii.gz"), "--us", str(patient_dir / "us_00.nrrd"),
+                 "--fast", "--device", "cpu", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("deepnav: error: MR") and "truncated or corrupt" in err.splitlines()[-1]
+    assert not (tmp_path / "o").exists()
 
 
 def test_wrong_model_file_and_nan_volume_are_refused(patient_dir, tmp_path, capsys):

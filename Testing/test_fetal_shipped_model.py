@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,11 +66,61 @@ def test_unmeasurable_inputs_say_why(tmp_path):
                     str(noise))
     code = main(["fetal", "measure", str(blank), str(noise), str(SAMPLES / "279_HC.png"), "--json", str(tmp_path / "m.json"),
                  "--device", "cpu"])
-    assert code == 0
+    assert code == 3  # nothing measured: a batch script must not take this for success
     rows = {r["file"]: r for r in json.loads((tmp_path / "m.json").read_text())["images"]}
     assert rows["blank.png"]["hc_mm"] is None and "blank" in rows["blank.png"]["reason"]
     assert rows["noise.png"]["hc_mm"] is None and rows["noise.png"]["reason"]
     assert rows["279_HC.png"]["hc_mm"] is None and "pixel size" in rows["279_HC.png"]["reason"]
+
+
+def test_a_missing_image_stops_the_batch_before_any_work(tmp_path, capsys):
+    code = main(["fetal", "measure", str(SAMPLES / "279_HC.png"), str(tmp_path / "gone.png"), "--pixel-size", "0.1",
+                 "--json", str(tmp_path / "m.json"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "1 of 2 images not found" in err and "gone.png" in err and "\n" not in err
+    assert not (tmp_path / "m.json").exists()  # nothing measured, nothing written
+
+
+@pytest.mark.parametrize("pixel_size", ["0", "-0.1", "nan", "50"])
+def test_an_absurd_pixel_size_stops_the_batch_before_any_work(tmp_path, capsys, pixel_size):
+    code = main(["fetal", "measure", str(SAMPLES / "279_HC.png"), "--pixel-size", pixel_size,
+                 "--json", str(tmp_path / "m.json"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "absurd" in err and "\n" not in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_an_image_the_csv_does_not_list_says_so(tmp_path):
+    other = tmp_path / "other.png"
+    other.write_bytes((SAMPLES / "006_HC.png").read_bytes())
+    code = main(["fetal", "measure", str(SAMPLES / "279_HC.png"), str(other), "--pixel-size-csv", str(CSV),
+                 "--json", str(tmp_path / "m.json"), "--device", "cpu"])
+    assert code == 0  # one of two measured
+    rows = {r["file"]: r for r in json.loads((tmp_path / "m.json").read_text())["images"]}
+    assert rows["279_HC.png"]["hc_mm"] is not None
+    assert rows["other.png"]["hc_mm"] is None and f"not listed in {CSV}" in rows["other.png"]["reason"]
+
+
+def test_two_images_with_one_name_keep_their_own_row_and_overlay(tmp_path, capsys):
+    for folder, sample in (("a", "006_HC.png"), ("b", "777_HC.png")):  # different heads, same file name
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "head.png").write_bytes((SAMPLES / sample).read_bytes())
+    inputs = [str(tmp_path / "a" / "head.png"), str(tmp_path / "b" / "head.png")]
+    code = main(["fetal", "measure", *inputs, "--pixel-size", "0.1", "--json", str(tmp_path / "m.json"),
+                 "--overlay", str(tmp_path / "overlays"), "--device", "cpu"])
+    assert code == 0
+    rows = json.loads((tmp_path / "m.json").read_text())["images"]
+    assert [r["path"] for r in rows] == inputs
+    assert rows[0]["hc_mm"] < rows[1]["hc_mm"]  # a small and a large head: each row is its own image
+    overlays = [r["overlay"] for r in rows]
+    assert len(set(overlays)) == 2 and all(Path(o).is_file() for o in overlays)
+    first, second = (sitk.GetArrayFromImage(sitk.ReadImage(o)) for o in overlays)
+    assert not np.array_equal(first, second)  # neither overwrote the other
+    # the CSV gives pixel sizes by file name: it cannot tell these two apart, so the batch is refused
+    capsys.readouterr()
+    code = main(["fetal", "measure", *inputs, "--pixel-size-csv", str(CSV), "--json", str(tmp_path / "n.json"),
+                 "--device", "cpu"])
+    assert code == 2 and "share this name" in capsys.readouterr().err
 
 
 def test_non_ultrasound_images_are_refused(tmp_path):
@@ -81,7 +132,9 @@ def test_non_ultrasound_images_are_refused(tmp_path):
     for name, array in (("ct.png", ct), ("gradient.png", np.tile(np.linspace(0, 255, 800), (540, 1)))):
         paths.append(tmp_path / name)
         sitk.WriteImage(sitk.GetImageFromArray(np.clip(array, 0, 255).astype(np.uint8)), str(paths[-1]))
-    assert main(["fetal", "measure", *map(str, paths), "--pixel-size", "0.1", "--json", str(tmp_path / "m.json"),
-                 "--device", "cpu"]) == 0
-    for row in json.loads((tmp_path / "m.json").read_text())["images"]:
+    code = main(["fetal", "measure", *map(str, paths), "--pixel-size", "0.1", "--json", str(tmp_path / "m.json"),
+                 "--device", "cpu"])
+    rows = json.loads((tmp_path / "m.json").read_text())["images"]
+    for row in rows:
         assert row["hc_mm"] is None or not row["confident"], row
+    assert code == (0 if any(row["hc_mm"] is not None for row in rows) else 3)

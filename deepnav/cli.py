@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:  # every command's --device, checked before any work
+            from deepnav.torch_runtime import pick_device
+
+            pick_device(args.device)
         return int(args.run(args) or 0)
     except InputError as exc:
         print(f"deepnav: error: {exc}", file=sys.stderr)

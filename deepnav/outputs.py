@@ -12,14 +12,20 @@ from deepnav.errors import InputError
 
 
 def require_writable_folder(folder: str | Path, what: str = "output folder") -> Path:
-    """Create the folder if it is missing and prove that a file can be written in it, before any
-    work: otherwise a read-only or impossible output is found only when the results are written,
-    after minutes of compute. Every command that writes calls this first; InputError (exit 2)."""
+    """Prove, before any work, that files can be written in `folder`: otherwise a read-only or
+    impossible output is found only when the results are written, after minutes of compute.
+    A missing folder passes when it can be created (its nearest existing ancestor is a writable
+    folder); it is created by whatever writes the results, so input refused later leaves nothing
+    behind. Every command that writes calls this first; InputError (exit 2) otherwise."""
     folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write to the {what} {folder}: {existing} is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise InputError(f"cannot write to the {what} {folder}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot write to the {what} {folder}: {existing}: {exc.strerror or exc}") from None
     return folder

@@ -10,15 +10,28 @@ import time
 import numpy as np
 import torch
 
+from deepnav.errors import InputError
+
+DEVICE_CHOICES = "auto, cpu, cuda (or gpu, TotalSegmentator's spelling), cuda:N"
+
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """'auto' takes the GPU when one is present; 'cuda' without a GPU is a clear error."""
-    if requested == "auto":
+    """The one reading of every --device option and Slicer device selector: 'auto' takes the GPU
+    when one is present; 'gpu' means 'cuda'; a device torch cannot use is a clear InputError."""
+    name = requested.strip().lower()
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("a CUDA device was requested but torch sees no GPU")
-    return device
+    if name == "gpu" or name.startswith("gpu:"):
+        name = "cuda" + name[3:]
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise InputError(f"unknown device {requested!r}: choose {DEVICE_CHOICES}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {requested!r} asked for a GPU, but torch sees none here: use --device cpu or auto")
+        if index and int(index) >= torch.cuda.device_count():
+            raise InputError(f"device {requested!r}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return torch.device(name)
 
 
 def configure_threads() -> int:

@@ -7,17 +7,23 @@ import json
 from pathlib import Path
 
 from deepnav.errors import InputError
+from deepnav.outputs import require_writable_folder
 from deepnav.progress import print_progress
 
 # `deepnav fetal ...`: found by deepnav.cli through the "deepnav.commands" entry point
 COMMAND = "fetal"
+NOTHING_MEASURED = 3  # exit status of `fetal measure` when no image could be measured (2: bad input, before any work)
 HELP = "fetal head biometry from 2D ultrasound (FetalBiometry)"
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("measure", help="head circumference, BPD and OFD from 2D ultrasound images")
+    p = sub.add_parser("measure", help="head circumference, BPD and OFD from 2D ultrasound images",
+                       description="Exit status: 0 when at least one image was measured (the others have "
+                                   "\"hc_mm\": null and a reason), 3 when none was, 2 for bad input found before "
+                                   "any work (a missing image, an absurd --pixel-size, an output that cannot be "
+                                   "written).")
     p.add_argument("images", type=Path, nargs="+")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--pixel-size", type=float, metavar="MM", help="pixel size in mm (all images)")
@@ -63,34 +69,68 @@ def _segmenter(args):
 
 
 def _measure(args) -> int:
-    from FetalBiometryLib.hc18 import read_pixel_sizes
+    from FetalBiometryLib.hc18 import csv_pixel_size, read_pixel_sizes
+    from FetalBiometryLib.image_io import check_pixel_size
     from FetalBiometryLib.overlay import write_overlay
     from FetalBiometryLib.pipeline import measure_file
 
-    segmenter = _segmenter(args)
+    # Inputs and outputs checked before any work (exit 2): a batch must not run for minutes to
+    # report that an image was never there.
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} of {len(args.images)} images not found: {', '.join(missing)}")
+    if args.pixel_size is not None:
+        check_pixel_size(args.pixel_size, "--pixel-size")
     table = read_pixel_sizes(args.pixel_size_csv) if args.pixel_size_csv else {}
-    rows = []
+    by_name: dict[str, set[Path]] = {}
     for path in args.images:
-        given = args.pixel_size if args.pixel_size is not None else table.get(path.name, (None,))[0]
-        row, result = measure_file(segmenter, path, given)
+        by_name.setdefault(path.name, set()).add(path.resolve())
+    shared = sorted(name for name, paths in by_name.items() if len(paths) > 1)
+    if args.pixel_size_csv and shared:
+        raise InputError(f"{', '.join(shared)}: several images share this name, and {args.pixel_size_csv} gives pixel "
+                         "sizes by name: measure each folder with its own CSV")
+    require_writable_folder(args.json.parent, "folder of --json")
+    if args.overlay:
+        require_writable_folder(args.overlay, "overlay folder")
+
+    segmenter = _segmenter(args)
+    rows, overlays = [], set()
+    for path in args.images:
+        given, why_none = args.pixel_size, None  # None: the file's own (DICOM)
+        if args.pixel_size_csv:
+            given, why_none = csv_pixel_size(table, args.pixel_size_csv, path)
+        row, result = measure_file(segmenter, path, given, why_none)
         if row["hc_mm"] is None:
-            print(f"{path.name}: not measurable: {row['reason']}")
+            print(f"{path}: not measurable: {row['reason']}")
         else:
-            print(f"{path.name}: HC {row['hc_mm']:.1f} mm, BPD {row['bpd_mm']:.1f} mm, OFD {row['ofd_mm']:.1f} mm"
+            print(f"{path}: HC {row['hc_mm']:.1f} mm, BPD {row['bpd_mm']:.1f} mm, OFD {row['ofd_mm']:.1f} mm"
                   + (f"  [{'; '.join(row['flags'])}]" if row["flags"] else ""))
         if args.overlay and result is not None:
-            row["overlay"] = str(write_overlay(result, args.overlay / (path.stem + "_overlay.png")))
+            name = _unused(f"{path.stem}_overlay", overlays)  # inputs from two folders may share a name
+            row["overlay"] = str(write_overlay(result, args.overlay / f"{name}.png"))
         rows.append(row)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"images": rows}, indent=2))
-    print(f"wrote {args.json}")
-    return 0
+    measured = sum(row["hc_mm"] is not None for row in rows)
+    print(f"measured {measured} of {len(rows)} images; wrote {args.json}")
+    return 0 if measured else NOTHING_MEASURED
+
+
+def _unused(name: str, used: set[str]) -> str:
+    """`name`, or `name_2`, `name_3`, ... the first not in `used` (which it joins)."""
+    k, candidate = 1, name
+    while candidate in used:
+        k += 1
+        candidate = f"{name}_{k}"
+    used.add(candidate)
+    return candidate
 
 
 def _train(args) -> int:
     from deepnav.torch_runtime import configure_threads, pick_device
     from FetalBiometryLib import hc18, training
 
+    require_writable_folder(args.out)
     configure_threads()
     config = training.TrainConfig(seed=args.seed)
     for name in ("epochs", "batch", "lr", "width"):
@@ -113,6 +153,7 @@ def _evaluate(args) -> int:
     from FetalBiometryLib import hc18
     from FetalBiometryLib.evaluation import evaluate, format_table
 
+    require_writable_folder(args.json.parent, "folder of --json")
     segmenter = _segmenter(args)
     cases = hc18.find_cases(args.data)
     if args.split == "validation":

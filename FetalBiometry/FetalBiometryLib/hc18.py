@@ -50,6 +50,15 @@ def read_pixel_sizes(csv_path: Path) -> dict[str, tuple[float, float | None]]:
     return out
 
 
+def csv_pixel_size(table: dict[str, tuple[float, float | None]], csv_path: Path, image: Path
+                   ) -> tuple[float | None, str | None]:
+    """An image's pixel size from a `read_pixel_sizes` table, or (None, why not): an image the CSV
+    does not list is measured only if it carries its own (DICOM)."""
+    if image.name in table:
+        return table[image.name][0], None
+    return None, f"not listed in {csv_path} and the file carries no pixel size of its own"
+
+
 def find_cases(data_dir: Path) -> list[Case]:
     """Every image with an annotation under `data_dir` (or its `training_set/`), with the CSV's
     pixel size and HC."""

@@ -57,10 +57,12 @@ def read_image_2d(path: str | Path) -> Image2D:
     return Image2D(np.asarray(array, dtype=np.float32), pixel_mm, notes)
 
 
-def check_pixel_size(pixel_mm: float | None, name: str) -> float:
-    """A fetal head image's pixel is a few hundredths to a few tenths of a millimetre."""
+def check_pixel_size(pixel_mm: float | None, name: str, missing: str | None = None) -> float:
+    """A fetal head image's pixel is a few hundredths to a few tenths of a millimetre. `missing`:
+    why there is none, when the caller knows better (e.g. the image is not in the CSV given)."""
     if pixel_mm is None:
-        raise InputError(f"{name}: no pixel size: give --pixel-size MM or --pixel-size-csv (DICOM carries its own)")
+        missing = missing or "no pixel size: give --pixel-size MM or --pixel-size-csv (DICOM carries its own)"
+        raise InputError(f"{name}: {missing}")
     if not np.isfinite(pixel_mm) or not 0.005 <= pixel_mm <= 2.0:
         raise InputError(f"{name}: pixel size {pixel_mm} mm is absurd for an ultrasound image (0.005-2 mm expected)")
     return float(pixel_mm)

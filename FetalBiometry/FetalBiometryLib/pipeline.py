@@ -45,16 +45,19 @@ def measurement_row(name: str, pixel_mm: float, m: Measurement) -> dict:
             "confident": m.confident, "flags": m.flags}
 
 
-def measure_file(segmenter: HeadSegmenter, path: Path, pixel_mm: float | None = None) -> tuple[dict, Result | None]:
-    """Read, measure and report one image file; `pixel_mm` when given, else the file's own (DICOM).
-    Bad input gives a row with `"hc_mm": None` and the reason, and no result."""
+def measure_file(segmenter: HeadSegmenter, path: Path, pixel_mm: float | None = None,
+                 no_pixel_size: str | None = None) -> tuple[dict, Result | None]:
+    """Read, measure and report one image file; `pixel_mm` when given, else the file's own (DICOM);
+    `no_pixel_size`: why none was given (see `hc18.csv_pixel_size`). Bad input gives a row with
+    `"hc_mm": None` and the reason, and no result. Rows carry the file's name and its path as given
+    (two inputs may share a name)."""
     t0 = time.perf_counter()
     try:
         image = read_image_2d(path)
-        pixel_mm = check_pixel_size(pixel_mm if pixel_mm is not None else image.pixel_mm, path.name)
+        pixel_mm = check_pixel_size(pixel_mm if pixel_mm is not None else image.pixel_mm, path.name, no_pixel_size)
         result = measure_image(segmenter, image.pixels, pixel_mm)
     except InputError as exc:
-        return {"file": path.name, "hc_mm": None, "reason": str(exc)}, None
-    row = measurement_row(path.name, pixel_mm, result.measurement)
+        return {"file": path.name, "path": str(path), "hc_mm": None, "reason": str(exc)}, None
+    row = measurement_row(path.name, pixel_mm, result.measurement) | {"path": str(path)}
     row.update(runtime_s=time.perf_counter() - t0, notes=image.notes, deidentified_pixels=result.blanked_pixels)
     return row, result

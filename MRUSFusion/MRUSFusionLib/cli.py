@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from deepnav.errors import InputError
+from deepnav.outputs import require_writable_folder
 from deepnav.progress import print_progress
 
 # `deepnav fusion ...`: found by deepnav.cli through the "deepnav.commands" entry point
@@ -139,6 +140,7 @@ def _phantom(args) -> int:
     from MRUSFusionLib.patient_files import write_patient
     from MRUSFusionLib.phantom import make_patient
 
+    require_writable_folder(args.out)
     oblique = None if args.oblique == "auto" else args.oblique == "yes"
     index = write_patient(make_patient(args.seed, frames=args.frames, oblique=oblique), args.out, args.format)
     print(f"wrote synthetic patient {args.seed} ({len(index['frames'])} US frames) to {args.out}")
@@ -149,6 +151,7 @@ def _train(args) -> int:
     from deepnav.torch_runtime import configure_threads, pick_device
     from MRUSFusionLib import dataset, losses, model_io, training
 
+    require_writable_folder(args.out)
     configure_threads()
     config = (training.checkpoint_config(args.out) if args.resume else None) or training.TrainConfig(seed=args.seed)
     overrides = {"rigid_epochs": args.rigid_epochs, "bspline_epochs": args.bspline_epochs,
@@ -200,6 +203,7 @@ def _register(args) -> int:
     from MRUSFusionLib.overlay import write_png
     from MRUSFusionLib.registration import overlay_picture, register
 
+    require_writable_folder(args.out)
     model = _load(args)
     mr = read_volume(args.mr, what="MR")
     liver = read_volume(args.liver, what="liver mask") if args.liver else None
@@ -289,6 +293,7 @@ def _serve(args) -> int:
 def _demo(args) -> int:
     from MRUSFusionLib.demo import run_demo
 
+    require_writable_folder(args.out)
     model = _load(args)
     report = run_demo(model, args.out, frames=args.frames, rate_hz=args.rate, us_files=args.us, mr_file=args.mr,
                       liver_file=args.liver, correct=args.correct)
@@ -308,6 +313,7 @@ def _demo(args) -> int:
 def _bench_stream(args) -> int:
     from MRUSFusionLib.stream_benchmark import format_table, run_benchmark
 
+    require_writable_folder(args.json.parent, "folder of --json")
     model = _load(args)
     report = run_benchmark(model, frames=args.frames, rate_hz=args.rate, sizes=args.sizes, correct=args.correct)
     print(format_table(report))
@@ -320,6 +326,7 @@ def _bench_stream(args) -> int:
 def _evaluate(args) -> int:
     from MRUSFusionLib.evaluation import evaluate, format_table, write_report
 
+    require_writable_folder(args.json.parent, "folder of --json")
     model = _load(args)
     report = evaluate(model, args.cases, args.seed, frames=args.frames, baseline=not args.no_baseline,
                       correct=not args.no_correction)
