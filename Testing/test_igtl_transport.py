@@ -16,7 +16,7 @@ from deepnav.errors import InputError
 from deepnav.imaging import LPS_TO_RAS
 from MRUSFusionLib import fields
 from MRUSFusionLib import igtl_messages as msgs
-from MRUSFusionLib.igtl_transport import HEADER_SIZE, Connection, MessageReader, crc64, encode, wire_timestamp
+from MRUSFusionLib.igtl_transport import HEADER_SIZE, Connection, MessageReader, ProtocolError, crc64, encode, wire_timestamp
 from MRUSFusionLib.mailbox import LatestFrameMailbox
 from MRUSFusionLib.service import EchoProcessor, FusionService
 
@@ -64,6 +64,27 @@ def test_status_round_trip(pair):
     message, _ = receiver.receive()
     assert (message.message_type, message.code, message.text, message.error_name) == \
         ("STATUS", 9, "CRC mismatch", "DeepNavError")
+
+
+@pytest.mark.parametrize("kind", ["IMAGE", "TRANSFORM", "STATUS", "STRING"])
+def test_a_corrupted_body_of_any_message_type_is_rejected_and_the_next_one_read(pair, kind):
+    """The CRC covers every message type, not only the volumes: a flipped bit in a TRANSFORM's
+    matrix would move the US as surely as one in an IMAGE's voxels."""
+    volume = oblique_volume(np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6))
+    message = {"IMAGE": lambda: msgs.volume_to_image(volume.array, volume, "US", 1.0),
+               "TRANSFORM": lambda: pyigtl.TransformMessage(np.diag([1.0, 2.0, 3.0, 1.0]), device_name="T"),
+               "STATUS": lambda: msgs.StatusMessage(1, "ok", device_name="S"),
+               "STRING": lambda: pyigtl.StringMessage("{}", device_name="R")}[kind]()
+    sender, receiver = pair
+    header, body = encode(message)
+    corrupted = bytearray(body)
+    corrupted[len(corrupted) // 2] ^= 0x01  # one bit, in transit; the header's CRC is the sender's
+    sender.send_buffers([header, bytes(corrupted)])
+    sender.send(msgs.StatusMessage(1, "next", device_name="N"))
+    with pytest.raises(ProtocolError, match=f"{kind} message .*CRC mismatch") as caught:
+        receiver.receive()
+    assert not caught.value.fatal  # only that message is dropped
+    assert receiver.receive()[0].text == "next"
 
 
 def test_timestamps_survive_the_header(pair):
