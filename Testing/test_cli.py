@@ -51,14 +51,31 @@ def test_register_writes_transforms_that_simpleitk_loads(patient_dir, tmp_path):
 
 
 def test_register_with_an_initial_transform_composes_it(patient_dir, tmp_path):
-    shift = sitk.TranslationTransform(3, (4.0, -3.0, 2.0))
-    sitk.WriteTransform(shift, str(tmp_path / "initial.tfm"))
-    out = tmp_path / "reg"
-    assert main(["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--us", str(patient_dir / "us_00.nrrd"),
-                 "--initial", str(tmp_path / "initial.tfm"), "--fast", "--device", "cpu", "--out", str(out)]) == 0
-    assert (out / "transform.h5").exists()
-    report = json.loads((out / "registration.json").read_text())
-    assert report["stage"] == "network" and "correction" not in report and report["folding_percent"] < 1.0
+    """The US moved by d and --initial "x -> x + d" (MR -> US) give the network the very same input,
+    so the written transforms must be the plain run's followed by that translation: an --initial
+    that is ignored (or folded in the wrong way round) moves every point by about d."""
+    d = np.array([25.0, -15.0, 10.0])  # mm, LPS
+    us = read_volume(patient_dir / "us_00.nrrd")
+    us.origin = us.origin + d  # every US voxel now sits d further along
+    write_volume(us, tmp_path / "us_moved.nrrd")
+    sitk.WriteTransform(sitk.TranslationTransform(3, d.tolist()), str(tmp_path / "initial.tfm"))
+    common = ["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--liver", str(patient_dir / "mr_liver.nrrd"),
+              "--fast", "--device", "cpu"]
+    assert main(common + ["--us", str(patient_dir / "us_00.nrrd"), "--out", str(tmp_path / "plain")]) == 0
+    assert main(common + ["--us", str(tmp_path / "us_moved.nrrd"), "--initial", str(tmp_path / "initial.tfm"),
+                          "--out", str(tmp_path / "initial")]) == 0
+    report = json.loads((tmp_path / "initial" / "registration.json").read_text())
+    assert report["stage"] == "network" and report["folding_percent"] < 1.0
+    # MR points across the registration grid (the field's), where the written field is defined
+    field = sitk.ReadImage(str(tmp_path / "initial" / "field.nrrd"))
+    points = [field.TransformContinuousIndexToPhysicalPoint(ijk) for ijk in
+              np.random.default_rng(0).uniform(0, np.array(field.GetSize()) - 1, (20, 3)).tolist()]
+    for name in ("transform.h5", "rigid.tfm"):
+        plain = sitk.ReadTransform(str(tmp_path / "plain" / name))
+        with_initial = sitk.ReadTransform(str(tmp_path / "initial" / name))
+        for x in points:
+            np.testing.assert_allclose(with_initial.TransformPoint(x), np.array(plain.TransformPoint(x)) + d, atol=0.05,
+                                       err_msg=name)
 
 
 def test_missing_file_is_one_clear_line(tmp_path, capsys):
