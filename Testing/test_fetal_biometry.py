@@ -115,7 +115,8 @@ def test_image_reading(tmp_path):
     grey = (np.random.default_rng(2).uniform(0, 255, (60, 80))).astype(np.uint8)
     sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey] * 3, -1), isVector=True), str(tmp_path / "grey_rgb.png"))
     read = read_image_2d(tmp_path / "grey_rgb.png")
-    np.testing.assert_array_equal(read.pixels, grey) and not read.notes
+    np.testing.assert_array_equal(read.pixels, grey)
+    assert read.notes == []  # grey stored as RGB is grey: no "converted to luminance" note
     colour = np.stack([grey, grey // 2, grey // 3], -1).astype(np.uint8)
     sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(tmp_path / "colour.png"))
     assert "luminance" in read_image_2d(tmp_path / "colour.png").notes[0]
