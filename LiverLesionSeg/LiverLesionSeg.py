@@ -5,7 +5,8 @@ network, lesion statistics) and `deepnav.mrml`. The volumes are copied out of th
 GUI thread; the work runs as `deepnav liver segment` in its own process (deepnav.child_process),
 with a progress bar and Cancel, and a crash of it leaves Slicer running; the result
 becomes a segmentation (one segment per lesion, standard terminology: liver; mass, and the
-liver), a statistics table and the lesion centres as points.
+liver), a statistics table and the lesion centres as points. A result that fails the Lib's
+plausibility checks is shown too, with a warning that says why it is not reliable.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ class LiverLesionSeg(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["DeepNav developers"]
         self.parent.helpText = _(
-            "Segments liver lesions in a contrast CT from two to four phases (plain, arterial, portal venous, "
-            "delayed): the phases are registered to the reference phase, fused in a 3D U-Net, and each lesion "
-            "is measured (volume, longest axial diameter, mean HU per phase). One phase works, with a warning.")
+            "Segments liver lesions in a contrast CT from one to four phases (plain, arterial, portal venous, "
+            "delayed; two or more are more accurate): the phases are registered to the reference phase, fused in "
+            "a 3D U-Net, and each lesion is measured (volume, longest axial diameter, mean HU per phase). A result "
+            "whose liver or lesions are anatomically implausible is shown with a warning saying why.")
         self.parent.acknowledgementText = _(
             "The shipped model was trained on simulated lesions inserted into a public abdominal CT; see its model card.")
 
@@ -159,7 +161,13 @@ class LiverLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.resultLabel.text = _("Segmentation stopped: {error}").format(error=exc)
                 raise
             self.ui.tableView.setMRMLTableNode(slicer.mrmlScene.GetFirstNodeByName(TABLE))
-            self.ui.resultLabel.text = "\n".join([result.message(), *result.warnings])
+            reasons = result.plausibility.reasons
+            self.ui.resultLabel.text = "\n".join([result.message(), *reasons, *result.warnings])
+            if reasons:  # the result is in the scene, but must not pass for a good one
+                slicer.util.warningDisplay(
+                    _("This result is not reliable:\n{reasons}\n\nCheck the liver and the lesions before using "
+                      "any figure.").format(reasons="\n".join(f"- {r}" for r in reasons)),
+                    windowTitle=_("Liver Lesion Segmentation"))
 
 
 class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
@@ -251,9 +259,10 @@ class LiverLesionSegLogic(ScriptedLoadableModuleLogic):
         import shutil
 
         from LiverLesionSegLib.pipeline import StudyResult
+        from LiverLesionSegLib.plausibility import EXIT_UNRELIABLE
 
         try:
-            self.task.result()
+            self.task.result(accept=(0, EXIT_UNRELIABLE))  # an implausible result is written, and shown as such
             result = StudyResult.read(self._workDir / "out")
         finally:
             shutil.rmtree(self._workDir, ignore_errors=True)
@@ -317,6 +326,7 @@ class LiverLesionSegTest(ScriptedLoadableModuleTest):
         score = dice(case.lesions.array > 0, result.lesions.array > 0)
         self.delayDisplay(f"Lesion Dice {score:.3f}, {len(result.statistics)} lesion(s), {time.perf_counter() - t0:.0f} s")
         self.assertGreater(score, 0.8)
+        self.assertTrue(result.plausibility.reliable, result.plausibility.reasons)
         segmentation = slicer.mrmlScene.GetFirstNodeByName(SEGMENTATION).GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), len(result.statistics) + 1)
         self.assertEqual(slicer.mrmlScene.GetFirstNodeByName(TABLE).GetTable().GetNumberOfRows(), len(result.statistics))

@@ -118,9 +118,10 @@ class ChildTask:
     def wait(self, timeout: float | None = None) -> int:
         return self._proc.wait(timeout)
 
-    def result(self, timeout: float | None = None) -> list[str]:
+    def result(self, timeout: float | None = None, accept: tuple[int, ...] = (0,)) -> list[str]:
         """The child's output lines (progress lines left out); raises Cancelled after cancel(),
-        InputError for bad input (exit status 2), ChildFailed for anything else but success."""
+        InputError for bad input (exit status 2), ChildFailed for anything else but an exit status
+        in `accept` (e.g. a command's "written, but see its verdict" status besides success)."""
         try:
             status = self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -129,7 +130,7 @@ class ChildTask:
         lines = list(self.lines)
         if self._cancelled or status == 130:
             raise Cancelled("cancelled by the user")
-        if status == 0:
+        if status in accept:
             return lines
         if status == 2 and lines and lines[-1].startswith(ERROR_PREFIX):
             raise InputError(lines[-1][len(ERROR_PREFIX):])

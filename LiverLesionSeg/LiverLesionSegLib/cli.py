@@ -9,6 +9,7 @@ from pathlib import Path
 from deepnav.errors import InputError
 from deepnav.outputs import require_writable_folder
 from deepnav.progress import print_progress
+from LiverLesionSegLib.plausibility import EXIT_UNRELIABLE
 
 DEFAULT_ABDOMEN = Path(__file__).resolve().parents[3] / "shared" / "data" / "abdomen"
 
@@ -51,7 +52,14 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("segment", help="segment the lesions of a study: lesions.nii.gz, liver.nii.gz, lesions.json/.csv")
+    p = sub.add_parser(
+        "segment", help="segment the lesions of a study: lesions.nii.gz, liver.nii.gz, lesions.json/.csv",
+        description="Segment the liver and its lesions from 1-4 phases of a contrast CT (one model takes any "
+                    "subset; two or more are more accurate) and judge whether the result is plausible.",
+        epilog=f"exit status: 0 result written and plausible; {EXIT_UNRELIABLE} result written but implausible "
+               '(lesions.json says "reliable": false with the reasons, also printed: e.g. a liver of impossible size '
+               "or extent, liver or lesion HU outside what the phase allows); 2 bad input, nothing written; "
+               "130 cancelled")
     p.add_argument("--phase", action="append", required=True, metavar="NAME=PATH[:SERIES_UID]",
                    help="a phase (plain, arterial, venous, delayed) as an image file or DICOM folder; repeat per phase")
     p.add_argument("--reference", help="phase whose frame the results are in (default: arterial, else venous)")
@@ -190,10 +198,12 @@ def _segment(args) -> int:
     paths = result.write(args.out)
     for warning in result.warnings:
         print(f"warning: {warning}")
+    for reason in result.plausibility.reasons:
+        print(f"not reliable: {reason}")
     print(f"{result.message()} (reference: {result.reference}; {sum(result.timings_s.values()):.1f} s)")
     for key, path in paths.items():
         print(f"  {key}: {path}")
-    return 0
+    return 0 if result.plausibility.reliable else EXIT_UNRELIABLE
 
 
 def _evaluate(args) -> int:

@@ -1,7 +1,8 @@
 """One study in, lesions out: read the phases, register them to the reference phase, resample and
 normalise, segment with a sliding window, bring the result back to the reference phase's grid,
-keep the liver's largest connected component, separate and measure the lesions inside it. The
-command line, the evaluation and the Slicer module all call `segment_study`."""
+keep the liver's largest connected component, separate and measure the lesions inside it, and
+judge whether the result is plausible (`plausibility.py`). The command line, the evaluation and the
+Slicer module all call `segment_study`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from deepnav.progress import CancelToken, ProgressCallback, silent
 from LiverLesionSegLib.inference import predict_logits
 from LiverLesionSegLib.model_io import LoadedModel
 from LiverLesionSegLib.phase_registration import check_ct_hu, register_phase, register_phase_sitk
+from LiverLesionSegLib.plausibility import Plausibility, assess, slab_warning, superior_inferior
 from LiverLesionSegLib.preprocess import reference_phase, resample, working_grid
 from LiverLesionSegLib.simulator import PHASES
 from LiverLesionSegLib.statistics import label_lesions, largest_component, lesion_statistics, write_statistics
@@ -40,6 +42,7 @@ class StudyResult:
     registration: dict[str, dict]  # phase -> matrix, mutual information, seconds, method
     timings_s: dict[str, float]
     warnings: list[str]
+    plausibility: Plausibility
     # where the lesion network ran, on the working grid: (first, last + 1) slice index along its
     # superior-inferior axis and the grid's slice count, or None for the whole grid
     slab: tuple[int, int, int] | None = None
@@ -49,7 +52,7 @@ class StudyResult:
                  "liver": write_volume(self.liver, out_dir / "liver.nii.gz")}
         files = write_statistics(self.statistics, out_dir, {
             "reference_phase": self.reference, "registration": self.registration, "timings_s": self.timings_s,
-            "warnings": self.warnings, "message": self.message(),
+            "warnings": self.warnings, "message": self.message(), **self.plausibility.to_json(),
             "liver_slab": None if self.slab is None else dict(zip(("first", "stop", "of"), self.slab, strict=True))})
         return {**paths, "statistics": files["json"], "table": files["csv"]}
 
@@ -64,14 +67,16 @@ class StudyResult:
         slab = record.get("liver_slab")
         return cls(record["reference_phase"], read_volume(out_dir / "lesions.nii.gz", what="lesion labels"),
                    read_volume(out_dir / "liver.nii.gz", what="liver mask"), record["lesions"], record["registration"],
-                   record["timings_s"], record["warnings"],
+                   record["timings_s"], record["warnings"], Plausibility.from_json(record),
                    None if slab is None else (slab["first"], slab["stop"], slab["of"]))
 
     def message(self) -> str:
-        if not self.statistics:
-            return "no lesion found"
-        total = sum(r["volume_ml"] for r in self.statistics)
-        return f"{len(self.statistics)} lesion(s), {total:.1f} mL in total"
+        found = "no lesion found"
+        if self.statistics:
+            found = f"{len(self.statistics)} lesion(s), {sum(r['volume_ml'] for r in self.statistics):.1f} mL in total"
+        if self.plausibility.reliable:
+            return found
+        return f"NOT RELIABLE ({len(self.plausibility.reasons)} implausible finding(s)): {found}"
 
 
 def read_phase(path: Path, what: str, series_uid: str | None = None) -> Volume:
@@ -110,7 +115,8 @@ def segment_study(model: LoadedModel, phases: dict[str, Volume], *, reference: s
     if reference not in phases:
         raise InputError(f"the reference phase {reference!r} is not among the phases given")
     if len(phases) == 1:
-        warnings.append(f"single phase ({reference}): the network was trained for 2-4 phases; lesions that are only "
+        warnings.append(f"single phase ({reference}): the network takes 1-4 phases but is less accurate on one "
+                        "(simulated studies: the venous phase alone halves the lesion Dice); lesions that are only "
                         "distinct in another phase may be missed")
     ref = phases[reference]
     if liver is not None:
@@ -168,11 +174,14 @@ def segment_study(model: LoadedModel, phases: dict[str, Volume], *, reference: s
     registered = {name: (volume.array if name == reference else resample(volume, ref, matrices[name]))
                   for name, volume in phases.items()}
     rows = lesion_statistics(ids, ref, registered)
+    liver_all = liver_mask | (ids > 0)
     timings["lesions"] = time.perf_counter() - t0
-    progress(1.0, f"{len(rows)} lesion(s)")
     slab_slices = None if slab is None else (slab[1], slab[2], x.shape[1 + slab[0]])
-    return StudyResult(reference, ref.with_array(ids), ref.with_array((liver_mask | (ids > 0)).astype(np.uint8)),
-                       rows, report, {k: round(v, 3) for k, v in timings.items()}, warnings, slab_slices)
+    warnings += [w for w in [slab_warning(slab_slices)] if w]
+    verdict = assess(liver_all, ids, ref, registered, rows)
+    progress(1.0, f"{len(rows)} lesion(s)" + ("" if verdict.reliable else ", NOT RELIABLE"))
+    return StudyResult(reference, ref.with_array(ids), ref.with_array(liver_all.astype(np.uint8)), rows, report,
+                       {k: round(v, 3) for k, v in timings.items()}, warnings, verdict, slab_slices)
 
 
 def liver_slab(localiser: LoadedModel, hu: dict[str, np.ndarray], grid: Volume, *, cancel: CancelToken | None = None,
@@ -182,8 +191,8 @@ def liver_slab(localiser: LoadedModel, hu: dict[str, np.ndarray], grid: Volume, 
     `localiser` finds (its largest component) plus SLAB_MARGIN_MM. None (the whole grid) for a
     series no taller than LOCALISE_ABOVE_MM, or where no liver is found. `hu`: the phases on
     `grid` (HU)."""
-    ijk_axis = int(np.argmax(np.abs(grid.direction[2])))  # grid axis (i, j, k) closest to LPS z
-    axis = 2 - ijk_axis  # the same axis in array order (k, j, i)
+    axis = superior_inferior(grid)
+    ijk_axis = 2 - axis  # the same axis in the grid's (i, j, k) order
     length = grid.array.shape[axis]
     if length * grid.spacing[ijk_axis] <= LOCALISE_ABOVE_MM:
         return None
