@@ -204,9 +204,10 @@ def test_malformed_header_ends_that_connection_only(service, patient, client):
 
 def test_body_far_larger_than_what_follows_times_out(service, patient, client):
     client.conn.send_buffers([raw_message("IMAGE", b"\0" * 1000, body_size=10_000_000)])
-    t0 = time.monotonic()
+    # answered (the wait is only there to end the test); how long a stalled or dribbling client
+    # holds on is measured by benchmarks/fusion_service_reliability.py, not asserted here
     status = error_status(client, timeout=10)
-    assert "stalled" in status.text and time.monotonic() - t0 < STALL_S + 3
+    assert "stalled" in status.text
     assert_serves(service, patient)
 
 

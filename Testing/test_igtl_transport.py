@@ -146,23 +146,21 @@ def test_rigid_transform_message_moves_the_us_onto_the_mr():
 
 @pytest.mark.parametrize("shape,dtype", [((256, 256, 256), np.uint8), ((288, 256, 256), np.float32)])
 def test_large_volumes_go_both_ways(shape, dtype):
-    """16 MB and 75 MB volumes (where pyigtl's own transport times out) echo back intact."""
+    """16 MB and 75 MB volumes (where pyigtl's own transport times out) echo back intact (the echo's
+    latency is measured by `deepnav fusion bench-stream`, not asserted here)."""
     rng = np.random.default_rng(2)
     array = rng.integers(0, 255, shape).astype(dtype)
     volume = oblique_volume(array, spacing=(0.4, 0.4, 0.4))
     with FusionService(EchoProcessor(), port=0) as service:
         reader = MessageReader(Connection.connect("127.0.0.1", service.port))
         try:
-            t0 = time.perf_counter()
             reader.conn.send(msgs.volume_to_image(array, volume, "US", time.time()))
             got = reader.wait_for(lambda m: m.device_name == "DeepNavReport", 60)
-            elapsed = time.perf_counter() - t0
         finally:
             reader.close()
     echo = msgs.image_to_volume(next(m for m in got if m.device_name == "DeepNavEcho"))
     np.testing.assert_array_equal(echo.array, array)
     np.testing.assert_allclose(echo.origin, volume.origin, atol=1e-4)
-    assert elapsed < 20, f"a {array.nbytes >> 20} MB echo took {elapsed:.1f} s"
 
 
 def test_header_size_is_the_protocols():

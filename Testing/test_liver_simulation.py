@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from LiverLesionSegLib.abdomen import LABELS, UNKNOWN, UNKNOWN_DEPTH_MM, load_abdomen, synthetic_abdomen
@@ -175,9 +173,14 @@ def test_classical_baseline_also_registers(case):
 
 
 def test_registration_is_time_bounded_and_refuses_non_ct(case):
-    t0 = time.monotonic()
-    result = register_phase(case.phases["arterial"], case.phases["venous"], time_limit_s=0.5)
-    assert time.monotonic() - t0 < 5.0 and result.matrix_lps.shape == (4, 4)
+    # A limit already reached stops the search after the swarm's first generation (the work that
+    # precedes any check) with the best transform so far: counted in evaluations, not in seconds,
+    # so that a busy machine cannot fail it. Its seconds: benchmarks/liver_phase_registration.py.
+    particles = 20
+    result = register_phase(case.phases["arterial"], case.phases["venous"], particles=particles, time_limit_s=0.0)
+    assert result.evaluations <= particles + 2  # + the fine level's start and its "before" figure
+    rotation = result.matrix_lps[:3, :3]
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-9)  # a rigid transform all the same
     blank = case.phases["venous"].with_array(np.zeros_like(case.phases["venous"].array))
     with pytest.raises(InputError, match="Hounsfield"):
         register_phase(case.phases["arterial"], blank)
