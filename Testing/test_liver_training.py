@@ -13,7 +13,7 @@ import torch
 from LiverLesionSegLib.abdomen import synthetic_abdomen
 from LiverLesionSegLib.dataset import IGNORE, TrainingCase, case_label
 from LiverLesionSegLib.simulator import simulate_case
-from LiverLesionSegLib.training import MaskedDiceFocalLoss, TrainConfig, _lesion_voxels, _patch, train
+from LiverLesionSegLib.training import MaskedDiceFocalLoss, TrainConfig, _drop_phases, _lesion_voxels, _patch, train
 from monai.losses import DiceFocalLoss
 
 from deepnav.progress import Cancelled, CancelToken
@@ -69,6 +69,18 @@ def test_liver_patches_hold_liver_where_random_ones_rarely_do():
         assert (_patch(image, label, [], liver, 16, rng, "liver")[1] == 1).any()
     anywhere = sum(bool((_patch(image, label, [], liver, 16, rng, "any")[1] == 1).any()) for _ in range(200))
     assert anywhere < 100
+
+
+def test_single_phase_patches_keep_one_present_phase_each_in_turn():
+    """Phase dropout alone rarely leaves one phase (a single series, what users often have);
+    `single_phase` gives that share of patches one of the present phases alone."""
+    image = np.ones((4, 2, 2, 2), np.float32)
+    present = [0, 2, 3]  # the arterial channel missing from this case
+    rng = np.random.default_rng(0)
+    kept = [tuple(np.flatnonzero(_drop_phases(image, present, rng, 0.3).any(axis=(1, 2, 3)))) for _ in range(400)]
+    assert sum(len(k) == 1 for k in kept) < 0.3 * len(kept)  # dropout 0.3 of three phases: 22% single
+    kept = [tuple(np.flatnonzero(_drop_phases(image, present, rng, 0.3, 1.0).any(axis=(1, 2, 3)))) for _ in range(300)]
+    assert all(len(k) == 1 for k in kept) and {k[0] for k in kept} == set(present)
 
 
 def _cases() -> list[TrainingCase]:

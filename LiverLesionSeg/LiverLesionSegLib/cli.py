@@ -46,6 +46,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lesion-fraction", type=float, help="share of patches centred on a lesion")
     p.add_argument("--liver-fraction", type=float, help="share of patches centred on a liver voxel")
     p.add_argument("--val-every", type=int, help="validate every n epochs (validation is whole-case inference)")
+    p.add_argument("--single-phase", type=float,
+                   help="share of patches given one phase alone (default 0: phase dropout only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", type=Path, help="a DeepNav liver model file to fine-tune (its normalisation is kept)")
@@ -142,7 +144,7 @@ def _train(args) -> int:
     require_writable_folder(args.out)
     configure_threads()
     config = TrainConfig(seed=args.seed)
-    for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction", "liver_fraction", "val_every"):
+    for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction", "liver_fraction", "val_every", "single_phase"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     cases = read_dataset(args.data, progress=print_progress)
