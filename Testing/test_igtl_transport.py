@@ -132,6 +132,19 @@ def test_displacement_image_is_the_lps_field_in_ras():
     np.testing.assert_allclose(back.GetOrigin(), grid.origin, atol=1e-4)
 
 
+def test_rigid_to_parent_matrix_of_a_quarter_turn_written_by_hand():
+    """MR -> US (LPS): a quarter turn about S, then t = (10, -5, 3) mm. Slicer's to-parent matrix
+    takes US points back: x_mr = R^T (x_us - t); in RAS (x and y negated) R^T keeps its form and
+    the translation -R^T t = (5, 10, -3) LPS becomes (-5, -10, -3)."""
+    quarter_turn = [0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # x -> y, y -> -x (row-major)
+    rigid = sitk.AffineTransform(quarter_turn, (10.0, -5.0, 3.0), (0.0, 0.0, 0.0))
+    expected = np.array([[0.0, 1.0, 0.0, -5.0],
+                         [-1.0, 0.0, 0.0, -10.0],
+                         [0.0, 0.0, 1.0, -3.0],
+                         [0.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(msgs.rigid_to_parent_ras(rigid), expected, atol=1e-12)
+
+
 def test_rigid_transform_message_moves_the_us_onto_the_mr():
     """Our rigid (MR point -> US point, LPS) sent as Slicer's RAS to-parent matrix maps US
     points (RAS) back to MR points (RAS)."""
