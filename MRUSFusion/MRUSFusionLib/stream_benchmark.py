@@ -75,9 +75,12 @@ class ProcessSampler:
         rss = np.array([s[1]["rss_mb"] for s in self.samples])
         quarter = np.minimum(((t - t[0]) / max(t[-1] - t[0], 1e-9) * 4).astype(int), 3)
         medians = [float(np.median(rss[quarter == q])) if np.any(quarter == q) else float("nan") for q in range(4)]
+        ranges = [[float(rss[quarter == q].min()), float(rss[quarter == q].max())] if np.any(quarter == q) else []
+                  for q in range(4)]
         counts = {name: [s[1][name] for s in self.samples] for name in ("descriptors", "threads")}
         return {"peak_mb": float(rss.max()), "start_mb": float(rss[0]), "end_mb": float(rss[-1]),
-                "quarter_median_mb": medians, "growth_q2_to_q4_mb": medians[3] - medians[1],
+                "quarter_median_mb": medians, "quarter_range_mb": ranges,
+                "growth_q2_to_q4_mb": medians[3] - medians[1],
                 **{name: {"start": v[0], "max": max(v), "end": v[-1]} for name, v in counts.items()}}
 
 
