@@ -9,11 +9,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from LiverLesionSegLib.abdomen import synthetic_abdomen
 from LiverLesionSegLib.plausibility import EXIT_UNRELIABLE, LIVER_HU, LIVER_MAX_EXTENT_MM, assess, slab_warning
 from LiverLesionSegLib.simulator import PHASES, simulate_case
 from LiverLesionSegLib.statistics import lesion_statistics
 from scipy import ndimage
+from torch import nn
 
 from deepnav.imaging import Volume, write_volume
 
@@ -93,3 +95,43 @@ def test_segment_writes_an_implausible_result_as_not_reliable_and_exits_with_its
     assert record["plausibility"]["liver_extent_mm"] > LIVER_MAX_EXTENT_MM
     out = capsys.readouterr().out
     assert all(f"not reliable: {r}" in out for r in record["reasons"]) and "NOT RELIABLE" in out
+
+
+class VenousBand(nn.Module):
+    """A stand-in localiser with a known answer: liver where the (normalised) venous phase is in a
+    band, the portal venous liver's and the spleen's (the largest piece is the liver)."""
+
+    def __init__(self, low: float, high: float):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        liver = ((x[:, 2:3] > self.low) & (x[:, 2:3] < self.high)).float()
+        # an opening cuts the thin rims in the band where brighter organs fade into fat
+        liver = nn.functional.max_pool3d(-nn.functional.max_pool3d(-liver, 5, 1, 2), 5, 1, 2)
+        return torch.cat([1 - liver, liver, 0 * liver], dim=1) * 10
+
+
+def test_on_a_whole_abdomen_the_liver_is_kept_near_where_the_localiser_finds_it(study, tmp_path):
+    """A lesion network that calls every soft tissue liver (as the shipped one did on a real plain
+    whole abdomen) runs on a 270 mm series after a localiser that finds the liver: the liver found
+    is the liver (and NEAR_LIVER_MM around it), not the body, and the result is plausible."""
+    from LiverLesionSegLib.model_io import load_model
+    from LiverLesionSegLib.pipeline import LOCALISE_ABOVE_MM, NEAR_LIVER_MM, segment_study
+    from test_liver_pipeline import VenousThreshold, threshold_model
+
+    from deepnav import model_files
+
+    record = threshold_model(tmp_path).record  # normalisation: mean 100, sd 50 HU
+    scale = lambda hu: (hu - 100.0) / 50.0  # noqa: E731
+    lesion_path, localiser_path = tmp_path / "everything.pt", tmp_path / "band.pt"
+    model_files.save_torchscript(VenousThreshold(-9.0, -8.0, scale(20.0)), lesion_path, record)
+    model_files.save_torchscript(VenousBand(scale(85.0), scale(140.0)), localiser_path, record)
+    venous = study.phases["venous"]
+    assert venous.array.shape[0] * venous.spacing[2] > LOCALISE_ABOVE_MM
+    result = segment_study(load_model(lesion_path, "cpu", localiser=localiser_path), {"venous": venous})
+    truth, found = study.liver.array > 0, result.liver.array > 0
+    distance = ndimage.distance_transform_edt(~truth, sampling=venous.spacing[::-1])
+    assert np.mean(distance[found] <= NEAR_LIVER_MM + venous.spacing.max()) > 0.99  # nothing far from the liver
+    assert (found & truth).sum() > 0.95 * truth.sum()  # and the liver itself kept
+    assert result.plausibility.reliable, result.plausibility.reasons

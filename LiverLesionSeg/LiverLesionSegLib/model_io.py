@@ -15,7 +15,7 @@ from LiverLesionSegLib.preprocess import WORK_SPACING_MM, Normalisation
 MODEL_FORMAT = "deepnav.liverlesionseg.unet"
 MODEL_VERSION = 1
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "liverlesionseg_default.pt"
-# finds the liver on a series taller than the lesion network's training slabs (pipeline.liver_slab)
+# finds the liver on a series taller than the lesion network's training slabs (pipeline.localise_liver)
 SHIPPED_LOCALISER = SHIPPED_MODEL.with_name("liverlesionseg_localiser.pt")
 
 
@@ -40,7 +40,7 @@ def save_model(model: LesionUNet, normalisation: Normalisation, path: Path, meta
 
 def load_model(path: str | Path | None = None, device: str = "auto", localiser: str | Path | None = None) -> LoadedModel:
     """A model file; without `path`, the shipped model with the shipped localiser. `localiser`:
-    a model that finds the liver on tall series first (see `pipeline.liver_slab`)."""
+    a model that finds the liver on tall series first (see `pipeline.localise_liver`)."""
     if path is None:
         path, localiser = SHIPPED_MODEL, localiser or SHIPPED_LOCALISER
     dev = pick_device(device)
