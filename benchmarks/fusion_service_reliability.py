@@ -40,7 +40,7 @@ from MRUSFusionLib.igtl_transport import Connection, MessageReader  # noqa: E402
 from MRUSFusionLib.phantom import make_patient  # noqa: E402
 from MRUSFusionLib.service_process import _listening, free_port  # noqa: E402
 from MRUSFusionLib.service_stress import dribble, fuzz, soak  # noqa: E402
-from MRUSFusionLib.stream_benchmark import bench_volume, process_figures  # noqa: E402
+from MRUSFusionLib.stream_benchmark import ProcessSampler, bench_volume, process_figures  # noqa: E402
 
 HOST = "127.0.0.1"
 PHASES = ("dribble", "limit", "descriptors", "soak", "fuzz")
@@ -179,11 +179,11 @@ def phase_soak(env, volume, frames: int, rate: float) -> dict:
 def phase_fuzz(env, volume, messages: int, valid_every: int) -> dict:
     service = Service(env=env)
     try:
-        before = service.figures()
-        result = fuzz(HOST, service.port, volume, messages=messages, valid_every=valid_every, seed=0,
-                      alive=lambda: service.alive, log=print)
+        with ProcessSampler(service.pid, 0.25) as sampler:
+            result = fuzz(HOST, service.port, volume, messages=messages, valid_every=valid_every, seed=0,
+                          alive=lambda: service.alive, log=print)
         time.sleep(2)
-        return {**result, "before": before, "after": service.figures() if service.alive else None,
+        return {**result, "process": sampler.summary(), "after": service.figures() if service.alive else None,
                 "alive": service.alive}
     finally:
         service.close()
