@@ -196,3 +196,33 @@ def test_mailbox_keeps_only_the_latest_frame_per_peer():
     assert (second.session, second.timestamp) == (b, 10.0)
     assert box.take(0.01) is None
     assert box.dropped == 3
+
+
+def test_an_image_whose_fields_contradict_its_size_is_skipped_without_storing_it(pair):
+    """The IMAGE's dimensions arrive first: a body that contradicts them is read through a scratch
+    buffer (256 MB pass, resident memory hardly moves), rejected, and the stream stays in sync."""
+    import threading
+
+    from MRUSFusionLib.igtl_transport import HEADER, ProtocolError
+    from MRUSFusionLib.stream_benchmark import ProcessSampler
+
+    sender, receiver = pair
+    volume = oblique_volume(np.zeros((8, 8, 8), np.uint8))
+    _, body = encode(msgs.volume_to_image(volume.array, volume, "US", 0.0))
+    size = 256 << 20
+    header = HEADER.pack(1, b"IMAGE", b"US", 0, 0, size, 0)
+
+    def send():
+        sender.send_buffers([header, body, bytes(size - len(body))])
+        sender.send(pyigtl.StringMessage("after", device_name="S"))
+
+    thread = threading.Thread(target=send)
+    with ProcessSampler(period_s=0.01) as memory:
+        thread.start()
+        with pytest.raises(ProtocolError, match="malformed IMAGE .*-byte body") as error:
+            receiver.receive()
+        thread.join()
+    assert not error.value.fatal
+    assert memory.summary()["peak_mb"] - memory.samples[0][1]["rss_mb"] < 64
+    message, _ = receiver.receive()
+    assert message.string == "after"

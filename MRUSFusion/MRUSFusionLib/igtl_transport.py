@@ -128,6 +128,18 @@ def image_body_size(prefix, header_version: int) -> int | None:
     return extended + IMAGE_HEAD.size + voxel_bytes * math.prod(subvolume_size) + metadata
 
 
+def _image_size_problem(prefix, fields: dict) -> tuple[bool, str | None]:
+    """Whether an IMAGE body's first bytes hold its fields, and what is wrong with its announced size."""
+    try:
+        expected = image_body_size(prefix, fields["header_version"])
+    except ValueError as exc:
+        return True, str(exc)
+    if expected is None:
+        return False, None
+    size = fields["body_size"]
+    return True, None if expected == size else f"its fields make a {expected}-byte body, the header announces {size}"
+
+
 class _Pace:
     """The clock of one message on the wire, from its first byte: it may not pause for longer than
     `stall_s`, and after that grace it must average `min_rate` bytes/s."""
@@ -217,18 +229,14 @@ class Connection:
         size, device = fields["body_size"], fields["device_name"]
         body = bytearray(min(size, FIRST_BUFFER_BYTES))
         got = 0
-        expected = None if fields["message_type"] == "IMAGE" else size  # by the IMAGE's fields, once they arrive
+        checked = fields["message_type"] != "IMAGE"  # an IMAGE's size is checked once its fields are in
         while got < size:
             if got == len(body):
                 body.extend(bytes(min(size, 2 * len(body)) - len(body)))  # no view of it is left: resizable
             got += self._recv(memoryview(body)[got:], stop, pace)
-            if expected is None:
-                try:
-                    expected = image_body_size(memoryview(body)[:got], fields["header_version"])
-                    problem = f"its fields make a {expected}-byte body, the header announces {size}"
-                except ValueError as exc:
-                    expected, problem = -1, str(exc)
-                if expected not in (None, size):
+            if not checked:
+                checked, problem = _image_size_problem(memoryview(body)[:got], fields)
+                if problem:
                     del body
                     self._skip(size - got, stop, pace)
                     raise ProtocolError(f"malformed IMAGE body from {device!r} ({problem})", fatal=False,
