@@ -92,6 +92,7 @@ def test_field_file_is_an_lps_vector_image_on_the_grid(setting, tmp_path):
     fields.write_transforms(tmp_path, matrix, disp[0].numpy(), u, grid)
     image = sitk.ReadImage(str(tmp_path / "field.nrrd"))
     assert image.GetNumberOfComponentsPerPixel() == 3
+    assert image.GetPixelID() == sitk.sitkVectorFloat32  # half the bytes of float64
     assert np.allclose(image.GetDirection(), grid.direction.flatten())
     assert np.allclose(image.GetOrigin(), grid.origin)
     # a pure translation of (3, -2, 1.5) voxels of 1 mm along the grid axes, in LPS

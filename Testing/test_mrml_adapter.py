@@ -19,6 +19,7 @@ if not hasattr(slicer, "vtkMRMLScene"):  # the unrelated PyPI package also named
 from deepnav import mrml  # noqa: E402
 from deepnav.errors import InputError  # noqa: E402
 from deepnav.imaging import read_volume, write_volume  # noqa: E402
+from MRUSFusionLib import fields  # noqa: E402
 
 
 def load_with_slicer(scene, path, class_name="vtkMRMLScalarVolumeNode"):
@@ -140,9 +141,9 @@ def test_grid_transform_moves_points_as_simpleitk_does(tmp_path):
     moved = np.array([from_parent.TransformPoint((p * flip).tolist()) for p in points_lps]) * flip
     np.testing.assert_allclose(moved, expected_lps, atol=1e-4)
 
-    # the same field written as a file and read by Slicer's own transform reader moves them alike
-    path = tmp_path / "field.nrrd"
-    sitk.WriteImage(field, str(path))
+    # the same field written as `fusion register` writes it (float32) and read by Slicer's own
+    # transform reader moves them alike
+    path = fields.write_field(field, tmp_path / "field.nrrd")
     loaded = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "from file")
     storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
     storage.SetFileName(str(path))
