@@ -57,16 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deepnav import distributed
+
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "device", None) is not None:  # every command's --device, checked before any work
             from deepnav.torch_runtime import pick_device
 
             pick_device(args.device)
-        return int(args.run(args) or 0)
+        if distributed.launched_by_torchrun() and not getattr(args, "distributed", False):
+            raise InputError(f"`deepnav {args.module} {getattr(args, 'command', '')}` runs as one process: start it "
+                             "without torchrun (under torchrun: the train commands, liver segment, fetal measure)")
+        with distributed.session(getattr(args, "device", None) or "auto"):  # one process: nothing to join
+            return int(args.run(args) or 0)
     except InputError as exc:
         print(f"deepnav: error: {exc}", file=sys.stderr)
         return 2
+    except distributed.PeerLost as exc:
+        print(f"deepnav: error: {exc}", file=sys.stderr)
+        return 1
     except Cancelled:
         print("deepnav: cancelled", file=sys.stderr)
         return 130
