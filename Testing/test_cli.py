@@ -29,10 +29,11 @@ def test_phantom_writes_a_readable_patient(patient_dir):
 
 
 def test_register_writes_transforms_that_simpleitk_loads(patient_dir, tmp_path):
-    out = tmp_path / "reg"
     code = main(["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--us", str(patient_dir / "us_00.nrrd"),
-                 "--liver", str(patient_dir / "mr_liver.nrrd"), "--device", "cpu", "--out", str(out)])
+                 "--liver", str(patient_dir / "mr_liver.nrrd"), "--device", "cpu", "--out", str(tmp_path / "reg")])
     assert code == 0
+    out = tmp_path / "reg" / "us_00"  # one folder per US volume, named after it, even for one
+    assert [p.name for p in (tmp_path / "reg").iterdir()] == ["us_00"]
     report = json.loads((out / "registration.json").read_text())
     assert report["stage"] == "corrected"  # network + correction by default
     assert report["network"]["folding_percent"] < 1.0 and report["timings_s"]["network"] > 0
@@ -57,22 +58,26 @@ def test_register_with_an_initial_transform_composes_it(patient_dir, tmp_path):
     d = np.array([25.0, -15.0, 10.0])  # mm, LPS
     us = read_volume(patient_dir / "us_00.nrrd")
     us.origin = us.origin + d  # every US voxel now sits d further along
-    write_volume(us, tmp_path / "us_moved.nrrd")
+    write_volume(us, tmp_path / "moved" / "us_00.nrrd")  # the same file name as the plain one
     sitk.WriteTransform(sitk.TranslationTransform(3, d.tolist()), str(tmp_path / "initial.tfm"))
     common = ["fusion", "register", "--mr", str(patient_dir / "mr.nrrd"), "--liver", str(patient_dir / "mr_liver.nrrd"),
               "--fast", "--device", "cpu"]
     assert main(common + ["--us", str(patient_dir / "us_00.nrrd"), "--out", str(tmp_path / "plain")]) == 0
-    assert main(common + ["--us", str(tmp_path / "us_moved.nrrd"), "--initial", str(tmp_path / "initial.tfm"),
-                          "--out", str(tmp_path / "initial")]) == 0
-    report = json.loads((tmp_path / "initial" / "registration.json").read_text())
+    # two volumes sharing a name: one folder each, in the order given
+    assert main(common + ["--us", str(patient_dir / "us_00.nrrd"), str(tmp_path / "moved" / "us_00.nrrd"),
+                          "--initial", str(tmp_path / "initial.tfm"), "--out", str(tmp_path / "initial")]) == 0
+    assert sorted(p.name for p in (tmp_path / "initial").iterdir()) == ["us_00", "us_00_2"]
+    initial = tmp_path / "initial" / "us_00_2"
+    report = json.loads((initial / "registration.json").read_text())
     assert report["stage"] == "network" and report["folding_percent"] < 1.0
+    assert report["us"] == str(tmp_path / "moved" / "us_00.nrrd")
     # MR points across the registration grid (the field's), where the written field is defined
-    field = sitk.ReadImage(str(tmp_path / "initial" / "field.nrrd"))
+    field = sitk.ReadImage(str(initial / "field.nrrd"))
     points = [field.TransformContinuousIndexToPhysicalPoint(ijk) for ijk in
               np.random.default_rng(0).uniform(0, np.array(field.GetSize()) - 1, (20, 3)).tolist()]
     for name in ("transform.h5", "rigid.tfm"):
-        plain = sitk.ReadTransform(str(tmp_path / "plain" / name))
-        with_initial = sitk.ReadTransform(str(tmp_path / "initial" / name))
+        plain = sitk.ReadTransform(str(tmp_path / "plain" / "us_00" / name))
+        with_initial = sitk.ReadTransform(str(initial / name))
         for x in points:
             np.testing.assert_allclose(with_initial.TransformPoint(x), np.array(plain.TransformPoint(x)) + d, atol=0.05,
                                        err_msg=name)

@@ -29,3 +29,23 @@ def require_writable_folder(folder: str | Path, what: str = "output folder") -> 
     except OSError as exc:
         raise InputError(f"cannot write to the {what} {folder}: {existing}: {exc.strerror or exc}") from None
     return folder
+
+
+def distinct_names(names: list[str]) -> list[str]:
+    """The names, in order, with `_2`, `_3`, ... added to a name already taken: one output per
+    input even when inputs from different folders share a file name."""
+    used: set[str] = set()
+    out = []
+    for name in names:
+        k, candidate = 1, name
+        while candidate in used:
+            k += 1
+            candidate = f"{name}_{k}"
+        used.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def image_stem(path: str | Path) -> str:
+    """A file's name without its image suffix: us_05.nrrd -> us_05, ct.nii.gz -> ct."""
+    return Path(Path(path).name.removesuffix(".gz")).stem

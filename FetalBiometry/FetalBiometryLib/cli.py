@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from deepnav.errors import InputError
-from deepnav.outputs import require_writable_folder
+from deepnav.outputs import distinct_names, require_writable_folder
 from deepnav.progress import print_progress
 
 # `deepnav fetal ...`: found by deepnav.cli through the "deepnav.commands" entry point
@@ -94,8 +94,10 @@ def _measure(args) -> int:
         require_writable_folder(args.overlay, "overlay folder")
 
     segmenter = _segmenter(args)
-    rows, overlays = [], set()
-    for path in args.images:
+    rows = []
+    # inputs from two folders may share a name: each gets its own overlay
+    overlay_names = distinct_names([f"{path.stem}_overlay" for path in args.images])
+    for path, overlay_name in zip(args.images, overlay_names, strict=True):
         given, why_none = args.pixel_size, None  # None: the file's own (DICOM)
         if args.pixel_size_csv:
             given, why_none = csv_pixel_size(table, args.pixel_size_csv, path)
@@ -106,24 +108,13 @@ def _measure(args) -> int:
             print(f"{path}: HC {row['hc_mm']:.1f} mm, BPD {row['bpd_mm']:.1f} mm, OFD {row['ofd_mm']:.1f} mm"
                   + (f"  [{'; '.join(row['flags'])}]" if row["flags"] else ""))
         if args.overlay and result is not None:
-            name = _unused(f"{path.stem}_overlay", overlays)  # inputs from two folders may share a name
-            row["overlay"] = str(write_overlay(result, args.overlay / f"{name}.png"))
+            row["overlay"] = str(write_overlay(result, args.overlay / f"{overlay_name}.png"))
         rows.append(row)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"images": rows}, indent=2))
     measured = sum(row["hc_mm"] is not None for row in rows)
     print(f"measured {measured} of {len(rows)} images; wrote {args.json}")
     return 0 if measured else NOTHING_MEASURED
-
-
-def _unused(name: str, used: set[str]) -> str:
-    """`name`, or `name_2`, `name_3`, ... the first not in `used` (which it joins)."""
-    k, candidate = 1, name
-    while candidate in used:
-        k += 1
-        candidate = f"{name}_{k}"
-    used.add(candidate)
-    return candidate
 
 
 def _train(args) -> int:

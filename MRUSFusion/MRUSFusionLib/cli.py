@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from deepnav.errors import InputError
-from deepnav.outputs import require_writable_folder
+from deepnav.outputs import distinct_names, image_stem, require_writable_folder
 from deepnav.progress import print_progress
 
 # `deepnav fusion ...`: found by deepnav.cli through the "deepnav.commands" entry point
@@ -213,10 +213,12 @@ def _register(args) -> int:
             initial = sitk.ReadTransform(str(args.initial))
         except RuntimeError as exc:
             raise InputError(f"cannot read transform {args.initial}") from exc
-    for n, us_path in enumerate(args.us):
+    # one folder per US volume, named after it, whether one volume is given or many: a script
+    # finds OUT/<name>/transform.h5 without knowing how many came with it
+    for us_path, name in zip(args.us, distinct_names([image_stem(p) for p in args.us]), strict=True):
         us = read_volume(us_path, what="US volume")
         result = register(model, mr, us, liver=liver, initial=initial, correct=not args.fast)
-        out = args.out if len(args.us) == 1 else args.out / f"frame{n:02d}"
+        out = args.out / name
         paths = result.write(out)
         paths["overlay"] = write_png(overlay_picture(result, mr, us, initial), out / "overlay.png")
         # quality(): MIND (radius 1, 2 mm) and folding of the network's answer on its own grid
