@@ -2,9 +2,10 @@
 Python) and watched from a GUI thread without blocking it, with the face of
 `progress.BackgroundTask`: `fraction`, `message`, `done`, `cancel()`, `result()`.
 
-The child reports progress as `progress.print_progress` writes it ("[ 42.0%] message", one line
-each); a reader thread turns those lines into `fraction` and `message` and keeps the other lines
-(the command's output, a traceback). `cancel()` ends the child's whole process tree: the child
+The child reports progress as `progress.print_progress` writes it when its stderr is no terminal
+(`progress.progress_line`: "[ 42.0%] message", one line each); a reader thread turns those lines
+(`progress.read_progress_line`) into `fraction` and `message` and keeps the other lines (the
+command's output, a traceback). `cancel()` ends the child's whole process tree: the child
 runs in its own session (POSIX) or process group (Windows), which gets SIGTERM and, if still
 there after `grace_s`, SIGKILL. A child that fails, crashes or is killed leaves the parent running:
 `result()` raises, saying what happened, with the child's last lines.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -23,9 +23,8 @@ import threading
 from pathlib import Path
 
 from deepnav.errors import InputError
-from deepnav.progress import Cancelled
+from deepnav.progress import Cancelled, read_progress_line
 
-PROGRESS_LINE = re.compile(r"^\[\s*([0-9.]+)%\]\s?(.*)$")
 ERROR_PREFIX = "deepnav: error: "
 
 
@@ -86,9 +85,9 @@ class ChildTask:
     def _read(self) -> None:
         for line in self._proc.stdout:
             line = line.rstrip("\r\n")
-            match = PROGRESS_LINE.match(line)
-            if match:
-                self.fraction, self.message = min(float(match.group(1)) / 100.0, 1.0), match.group(2)
+            report = read_progress_line(line)
+            if report:
+                self.fraction, self.message = report
             elif line:
                 self.lines.append(line)
 
