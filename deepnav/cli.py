@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from deepnav import __version__
+from deepnav.command_line import Parser, add_common_options, commands, examples
 from deepnav.errors import InputError
 from deepnav.progress import Cancelled
 
@@ -48,11 +49,15 @@ def command_modules() -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepnav", description="DeepNav: image-guided intervention tools.")
+    parser = Parser(prog="deepnav", description="DeepNav: image-guided intervention tools.",
+                    epilog=examples("deepnav fusion register --help", "deepnav liver segment --help",
+                                    "deepnav fetal measure --help"))
     parser.add_argument("--version", action="version", version=f"deepnav {__version__}")
     modules = parser.add_subparsers(dest="module", required=True)
     for module in command_modules():
-        module.add_commands(modules.add_parser(module.COMMAND, help=module.HELP))
+        module.add_commands(modules.add_parser(module.COMMAND, help=module.HELP, description=module.HELP))
+    for _, command in commands(parser):  # what every command takes, spelt once (deepnav.command_line)
+        add_common_options(command)
     return parser
 
 
