@@ -4,8 +4,12 @@ and help that documents every option and gives an example."""
 
 from __future__ import annotations
 
+import argparse
 import io
+import re
 
+from deepnav.cli import build_parser
+from deepnav.command_line import commands
 from deepnav.progress import Console, read_progress_line
 
 
@@ -69,3 +73,49 @@ def test_quiet_keeps_warnings_only(capsys):
     console.say("wrote model.pt")
     console.warn("one phase only")
     assert log.getvalue() == "warning: one phase only\n" and capsys.readouterr().out == ""
+
+
+def _documentation_problems(parser) -> list[str]:
+    """What a reader of `--help` would miss, command by command: an option with no help, a default
+    not said (a value, or in words what happens without the option), choices not listed, a
+    command without an example of itself."""
+    problems = []
+    for path, command in commands(parser):
+        name = " ".join(("deepnav", *path))
+        if f"\n  {name}" not in "\n" + (command.epilog or "").split("examples:")[-1]:
+            problems.append(f"{name}: no example in its epilog")
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction | argparse._VersionAction) or action.help == argparse.SUPPRESS:
+                continue  # argparse's own, and deprecated spellings kept hidden
+            option = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            if not action.help:
+                problems.append(f"{option}: no help")
+                continue
+            text = formatter._expand_help(action)
+            if action.choices is not None and not all(str(c) in text or str(c) in (action.metavar or str(c))
+                                                      for c in action.choices):
+                problems.append(f"{option}: choices not listed")
+            either_or = any(action in group._group_actions for group in command._mutually_exclusive_groups
+                            if group.required)  # usage says one of them is needed
+            optional_value = action.option_strings and action.nargs != 0 and not action.required and not either_or
+            if optional_value and action.default is None and not re.search(r"default|required", text, re.I):
+                problems.append(f"{option}: does not say what happens without it")
+            elif optional_value and action.default is not None:
+                first = action.default[0] if isinstance(action.default, list | tuple) else action.default
+                if str(first) not in text:
+                    problems.append(f"{option}: default {action.default!r} not said")
+    return problems
+
+
+def test_every_option_says_its_default_and_choices_and_every_command_has_an_example():
+    assert _documentation_problems(build_parser()) == []
+
+
+def test_the_check_finds_an_undocumented_option_and_a_command_without_example():
+    parser = build_parser()
+    _, command = next(commands(parser))
+    command.add_argument("--new-threshold", type=float)
+    command.epilog = None
+    found = _documentation_problems(parser)
+    assert any("--new-threshold: no help" in p for p in found) and any("no example" in p for p in found)
