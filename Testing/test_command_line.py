@@ -119,3 +119,13 @@ def test_the_check_finds_an_undocumented_option_and_a_command_without_example():
     command.epilog = None
     found = _documentation_problems(parser)
     assert any("--new-threshold: no help" in p for p in found) and any("no example" in p for p in found)
+
+
+def test_one_name_for_the_phase_registration_and_the_old_spelling_still_works():
+    parser = build_parser()
+    common = ["--reference", "a.nii.gz", "--moving", "b.nii.gz", "--out", "t.tfm"]
+    assert parser.parse_args(["liver", "register", "--registration", "sitk", *common]).registration == "sitk"
+    assert parser.parse_args(["liver", "register", "--method", "sitk", *common]).registration == "sitk"
+    assert parser.parse_args(["liver", "register", *common]).registration == "pso-powell"
+    segment = parser.parse_args(["liver", "segment", "--phase", "venous=v.nii.gz", "--out", "o", "--registration", "sitk"])
+    assert segment.registration == "sitk"

@@ -6,9 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
+from deepnav.command_line import (
+    add_device_option,
+    add_json_option,
+    config_option,
+    examples,
+    require_json_target,
+    write_json,
+    wrote,
+)
 from deepnav.errors import InputError
 from deepnav.outputs import require_writable_folder
-from deepnav.progress import print_progress
+from deepnav.progress import console, print_progress
 from LiverLesionSegLib.plausibility import EXIT_UNRELIABLE
 
 DEFAULT_ABDOMEN = Path(__file__).resolve().parents[3] / "shared" / "data" / "abdomen"
@@ -16,79 +25,102 @@ DEFAULT_ABDOMEN = Path(__file__).resolve().parents[3] / "shared" / "data" / "abd
 
 # `deepnav liver ...`: found by deepnav.cli through the "deepnav.commands" entry point
 COMMAND = "liver"
+TRAIN_CONFIG = "LiverLesionSegLib.training:TrainConfig"  # where train's hyper-parameter defaults live
+REGISTRATION_HELP = ("how the phases are aligned: pso-powell (particle swarm then Powell, on mutual information) "
+                     "or sitk (SimpleITK's optimiser)")
 HELP = "multi-phase CT liver lesion segmentation (LiverLesionSeg)"
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("simulate", help="write simulated multi-phase cases as an MSD-layout training folder")
-    p.add_argument("--cases", type=int, required=True)
+    p = sub.add_parser("simulate", help="write simulated multi-phase cases as an MSD-layout training folder",
+                       epilog=examples("deepnav liver simulate --cases 40 --seed 0 --out cases/"))
+    p.add_argument("--cases", type=int, required=True, help="how many cases")
     p.add_argument("--seed", type=int, default=0, help="case seeds are seed*1000 + n")
     p.add_argument("--abdomen", type=Path, default=DEFAULT_ABDOMEN,
-                   help="folder with example_ct.nii.gz and example_seg.nii.gz (TotalSegmentator classes)")
+                   help="folder with example_ct.nii.gz and example_seg.nii.gz (TotalSegmentator classes); "
+                        "without them every case uses a synthetic abdomen")
     p.add_argument("--synthetic-share", type=float, default=0.25,
                    help="share of cases built on a synthetic abdomen instead (anatomical variety)")
     p.add_argument("--field-of-view", choices=["ct", "slab", "liver"], default="ct",
-                   help="the whole abdominal CT (default; what a network must learn on, as a full-length series "
-                        "shows the whole body), its in-plane field of view over the labelled slices only, "
-                        "or the liver's box plus 25 mm (small, for quick experiments)")
-    p.add_argument("--out", type=Path, required=True)
+                   help="ct: the whole abdominal CT (what a network must learn on, as a full-length series "
+                        "shows the whole body); slab: its in-plane field of view over the labelled slices only; "
+                        "liver: the liver's box plus 25 mm (small, for quick experiments)")
+    p.add_argument("--out", type=Path, required=True, help="the MSD-layout folder (imagesTr, labelsTr, dataset.json)")
     p.set_defaults(run=_simulate)
 
-    p = sub.add_parser("train", help="train the lesion network on an MSD-layout folder (imagesTr, labelsTr)")
-    p.add_argument("data", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--val-cases", type=int, default=4)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--steps-per-epoch", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lesion-fraction", type=float, help="share of patches centred on a lesion")
-    p.add_argument("--liver-fraction", type=float, help="share of patches centred on a liver voxel")
-    p.add_argument("--val-every", type=int, help="validate every n epochs (validation is whole-case inference)")
-    p.add_argument("--single-phase", type=float,
-                   help="share of patches given one phase alone (default 0: phase dropout only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--init", type=Path, help="a DeepNav liver model file to fine-tune (its normalisation is kept)")
-    p.add_argument("--device", default="auto")
+    p = sub.add_parser("train", help="train the lesion network on an MSD-layout folder (imagesTr, labelsTr)",
+                       epilog=examples("deepnav liver train cases/ --out model/",
+                                       "deepnav liver train cases/ --init shipped.pt --epochs 5 --out model/"))
+    p.add_argument("data", type=Path, help="MSD-layout folder (imagesTr, labelsTr, dataset.json)")
+    p.add_argument("--out", type=Path, required=True, help="folder for checkpoints, history and model.pt")
+    p.add_argument("--val-cases", type=int, default=4, help="the last N cases are kept for validation")
+    config_option(p, "--epochs", TRAIN_CONFIG, type=int, help="epochs")
+    config_option(p, "--steps-per-epoch", TRAIN_CONFIG, type=int, help="optimiser steps per epoch")
+    config_option(p, "--lr", TRAIN_CONFIG, type=float, help="learning rate (polynomial decay)")
+    config_option(p, "--lesion-fraction", TRAIN_CONFIG, type=float, help="share of patches centred on a lesion")
+    config_option(p, "--liver-fraction", TRAIN_CONFIG, type=float, help="share of patches centred on a liver voxel")
+    config_option(p, "--val-every", TRAIN_CONFIG, type=int,
+                  help="validate every n epochs (validation is whole-case inference)")
+    config_option(p, "--single-phase", TRAIN_CONFIG, type=float,
+                  help="share of patches given one phase alone (0: phase dropout only)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (initialisation, sampling)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    p.add_argument("--init", type=Path, help="a DeepNav liver model file to fine-tune (its normalisation is kept; "
+                                             "default: from scratch)")
+    add_device_option(p)
     p.set_defaults(run=_train)
 
     p = sub.add_parser(
         "segment", help="segment the lesions of a study: lesions.nii.gz, liver.nii.gz, lesions.json/.csv",
         description="Segment the liver and its lesions from 1-4 phases of a contrast CT (one model takes any "
                     "subset; two or more are more accurate) and judge whether the result is plausible.",
-        epilog=f"exit status: 0 result written and plausible; {EXIT_UNRELIABLE} result written but implausible "
-               '(lesions.json says "reliable": false with the reasons, also printed: e.g. a liver of impossible size '
-               "or extent, liver or lesion HU outside what the phase allows); 2 bad input, nothing written; "
-               "130 cancelled")
+        epilog=examples(
+            "deepnav liver segment --phase venous=venous.nii.gz --phase arterial=arterial.nii.gz --out study/",
+            "deepnav liver segment --phase venous=dicom/series_folder/ --out study/",
+            before=f"exit status: 0 result written and plausible; {EXIT_UNRELIABLE} result written but implausible "
+                   '(lesions.json says "reliable": false with the reasons, also printed: e.g. a liver of impossible '
+                   "size or extent, liver or lesion HU outside what the phase allows); 2 bad input, nothing written; "
+                   "130 cancelled"))
     p.add_argument("--phase", action="append", required=True, metavar="NAME=PATH[:SERIES_UID]",
                    help="a phase (plain, arterial, venous, delayed) as an image file or DICOM folder; repeat per phase")
     p.add_argument("--reference", help="phase whose frame the results are in (default: arterial, else venous)")
     p.add_argument("--liver", type=Path, help="a liver mask on the reference phase's grid (default: the model's)")
-    p.add_argument("--registration", choices=["pso-powell", "sitk"], default="pso-powell")
+    p.add_argument("--registration", choices=["pso-powell", "sitk"], default="pso-powell", help=REGISTRATION_HELP)
     p.add_argument("--model", type=Path, help="lesion model (default: the shipped one, with the shipped localiser)")
     p.add_argument("--localiser", type=Path,
-                   help="model that finds the liver's slab on series taller than 220 mm before --model runs")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, required=True)
+                   help="model that finds the liver's slab on series taller than 220 mm before --model runs "
+                        "(default: the shipped one with the shipped --model, else none)")
+    add_device_option(p)
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for lesions.nii.gz, liver.nii.gz, lesions.json and lesions.csv")
     p.set_defaults(run=_segment)
 
-    p = sub.add_parser("evaluate", help="score the model on simulated studies never used in training")
-    p.add_argument("--cases", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--abdomen", type=Path, default=DEFAULT_ABDOMEN)
-    p.add_argument("--model", type=Path)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", type=Path, required=True)
+    p = sub.add_parser("evaluate", help="score the model on simulated studies never used in training",
+                       epilog=examples("deepnav liver evaluate --cases 8 --json eval.json",
+                                       "deepnav liver evaluate --cases 2 --json - | jq .summary"))
+    p.add_argument("--cases", type=int, required=True, help="how many simulated studies")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seeds are 1000 + seed*1000 + n (never trained on)")
+    p.add_argument("--abdomen", type=Path, default=DEFAULT_ABDOMEN,
+                   help="folder with example_ct.nii.gz and example_seg.nii.gz (as for simulate)")
+    p.add_argument("--model", type=Path, help="lesion model (default: the shipped one)")
+    add_device_option(p)
+    add_json_option(p, "the report")
     p.set_defaults(run=_evaluate)
 
-    p = sub.add_parser("register", help="rigidly register one phase to another (PSO + Powell, or SimpleITK)")
-    p.add_argument("--reference", type=Path, required=True)
-    p.add_argument("--moving", type=Path, required=True)
-    p.add_argument("--method", choices=["pso-powell", "sitk"], default="pso-powell")
+    p = sub.add_parser("register", help="rigidly register one phase to another (PSO + Powell, or SimpleITK)",
+                       epilog=examples("deepnav liver register --reference arterial.nii.gz --moving venous.nii.gz "
+                                       "--out venous_to_arterial.tfm"))
+    p.add_argument("--reference", type=Path, required=True, help="the phase that stays (fixed image)")
+    p.add_argument("--moving", type=Path, required=True, help="the phase aligned to it")
+    p.add_argument("--registration", choices=["pso-powell", "sitk"], default="pso-powell", help=REGISTRATION_HELP)
+    # the old spelling, kept working and hidden: one name for the idea across commands (as segment's)
+    p.add_argument("--method", dest="registration", choices=["pso-powell", "sitk"], default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, required=True, help="transform file (.tfm/.h5): reference LPS -> moving LPS")
-    p.set_defaults(run=_register)
+    add_json_option(p, "the result (method, seconds, mutual information, matrix)", required=False)
+    p.set_defaults(run=_register, json=Path("-"))
 
 
 def _abdomens(args):
@@ -122,6 +154,7 @@ def _simulate(args) -> int:
     require_writable_folder(args.out)
     if not 0 <= args.seed < 1000 or args.cases > 1000:
         raise InputError("--seed must be in 0..999 and --cases at most 1000 (higher seeds are kept for evaluation)")
+    console.stage(f"simulating {args.cases} cases")
     abdomen_for = _abdomen_for_seed(args, args.synthetic_share)
     for n in range(args.cases):
         seed = args.seed * 1000 + n
@@ -131,17 +164,18 @@ def _simulate(args) -> int:
         write_simulated([case], args.out, start=n)
         kinds = ", ".join(f"{lesion.kind} {lesion.diameter_mm:.0f} mm" for lesion in case.lesion_list)
         print_progress((n + 1) / args.cases, f"case {n} ({'real' if use_real else 'synthetic'} abdomen): {kinds}")
-    print(f"wrote {args.cases} cases to {args.out}")
+    console.say(f"wrote {args.cases} cases to {args.out}")
     return 0
 
 
 def _train(args) -> int:
+    require_writable_folder(args.out)  # refused before anything else is said or imported
+    console.stage("reading the training cases")  # torch's import first: seconds
     from deepnav.torch_runtime import configure_threads, pick_device
     from LiverLesionSegLib.dataset import read_dataset
     from LiverLesionSegLib.model_io import save_model
     from LiverLesionSegLib.training import TrainConfig, train
 
-    require_writable_folder(args.out)
     configure_threads()
     config = TrainConfig(seed=args.seed)
     for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction", "liver_fraction", "val_every", "single_phase"):
@@ -156,6 +190,7 @@ def _train(args) -> int:
 
         start = load_model(args.init, "cpu")
         init = (start.module.state_dict(), start.normalisation)
+    console.stage("training")
     model, normalisation, info = train(cases[:-args.val_cases], cases[-args.val_cases:], args.out, config,
                                        device=pick_device(args.device), resume=args.resume, init=init)
     manifest = json.loads((args.data / "dataset.json").read_text())
@@ -164,26 +199,29 @@ def _train(args) -> int:
         "init": str(args.init) if args.init else None,
         "cases": [c.name for c in cases], "validation": [c.name for c in cases[-args.val_cases:]],
         "config": info["config"], "best": info["best"]}})
-    print(f"best validation (epoch {info['best']['epoch'] + 1}): loss {info['best']['val_loss']:.4f}, "
+    console.say(f"best validation (epoch {info['best']['epoch'] + 1}): loss {info['best']['val_loss']:.4f}, "
           f"lesion Dice {info['best']['val_lesion_dice']:.3f}; wrote {path}")
     return 0
 
 
 def _load(args):
+    # said before torch is imported and the model read: the command's first seconds
+    console.stage(f"loading the model ({args.model or 'shipped'}, device {args.device})")
     from deepnav.torch_runtime import configure_threads, describe_device
     from LiverLesionSegLib.model_io import load_model
 
     configure_threads()
     model = load_model(args.model, args.device, localiser=getattr(args, "localiser", None))
-    print_progress(0.0, f"model {model.path.name} on {describe_device(model.device)}")
+    print_progress(1.0, f"{model.path.name} on {describe_device(model.device)}")
     return model
 
 
 def _segment(args) -> int:
+    require_writable_folder(args.out)
+    console.stage(f"reading {len(args.phase)} phase(s)")  # the imports below bring torch: seconds
     from deepnav.imaging import read_volume
     from LiverLesionSegLib.pipeline import read_phase, segment_study
 
-    require_writable_folder(args.out)
     phases = {}
     for item in args.phase:
         name, sep, rest = item.partition("=")
@@ -195,6 +233,7 @@ def _segment(args) -> int:
         phases[name] = read_phase(Path(path), f"{name} phase", uid or None)
     model = _load(args)
     liver = read_volume(args.liver, what="liver mask") if args.liver else None
+    console.stage("segmenting")
     result = segment_study(model, phases, reference=args.reference, registration=args.registration, liver=liver,
                            progress=print_progress)
     paths = result.write(args.out)
@@ -202,21 +241,22 @@ def _segment(args) -> int:
         print(f"warning: {warning}")
     for reason in result.plausibility.reasons:
         print(f"not reliable: {reason}")
-    print(f"{result.message()} (reference: {result.reference}; {sum(result.timings_s.values()):.1f} s)")
+    console.say(f"{result.message()} (reference: {result.reference}; {sum(result.timings_s.values()):.1f} s)")
     for key, path in paths.items():
-        print(f"  {key}: {path}")
+        console.say(f"  {key}: {path}")
     return 0 if result.plausibility.reliable else EXIT_UNRELIABLE
 
 
 def _evaluate(args) -> int:
-    from LiverLesionSegLib.evaluation import evaluate, format_table, write_report
+    from LiverLesionSegLib.evaluation import evaluate, format_table
 
-    require_writable_folder(args.json.parent, "folder of --json")
+    require_json_target(args.json)
     model = _load(args)
+    console.stage(f"evaluating on {args.cases} simulated studies")
     report = evaluate(model, _abdomen_for_seed(args, 0.25), args.cases, args.seed)
-    print(format_table(report))
-    write_report(report, args.json)
-    print(f"wrote {args.json}")
+    console.say(format_table(report))
+    write_json(report, args.json)
+    wrote(args.json)
     return 0
 
 
@@ -227,13 +267,16 @@ def _register(args) -> int:
     from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk
 
     require_writable_folder(args.out.parent, "folder of --out")
+    require_json_target(args.json)
     reference = read_volume(args.reference, what="reference phase")
     moving = read_volume(args.moving, what="moving phase")
-    run = register_phase if args.method == "pso-powell" else register_phase_sitk
+    console.stage(f"registering {args.moving.name} to {args.reference.name} ({args.registration})")
+    run = register_phase if args.registration == "pso-powell" else register_phase_sitk
     result = run(reference.with_array(reference.array.astype("float32")), moving.with_array(moving.array.astype("float32")))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteTransform(result.transform(), str(args.out))
-    print(json.dumps({"method": result.method, "seconds": round(result.seconds, 2), "evaluations": result.evaluations,
-                      "mutual_information": {"before": result.mi_before, "after": result.mi_after},
-                      "matrix_lps": result.matrix_lps.round(5).tolist(), "transform": str(args.out)}, indent=2))
+    write_json({"method": result.method, "seconds": round(result.seconds, 2), "evaluations": result.evaluations,
+                "mutual_information": {"before": result.mi_before, "after": result.mi_after},
+                "matrix_lps": result.matrix_lps.round(5).tolist(), "transform": str(args.out)}, args.json)
+    wrote(args.json)
     return 0
