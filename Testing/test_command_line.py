@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 
 from deepnav.cli import build_parser
@@ -129,3 +130,17 @@ def test_one_name_for_the_phase_registration_and_the_old_spelling_still_works():
     assert parser.parse_args(["liver", "register", *common]).registration == "pso-powell"
     segment = parser.parse_args(["liver", "segment", "--phase", "venous=v.nii.gz", "--out", "o", "--registration", "sitk"])
     assert segment.registration == "sitk"
+
+
+def test_json_to_standard_output_is_the_json_alone_and_quiet_prints_nothing(tmp_path, capsys):
+    from conftest import ROOT
+    from deepnav.cli import main
+
+    image = str(ROOT / "FetalBiometry" / "Resources" / "Samples" / "279_HC.png")
+    assert main(["fetal", "measure", image, "--pixel-size", "0.1", "--json", "-", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)["images"]  # the whole of stdout is the JSON
+    assert rows[0]["hc_mm"] > 0 and "HC" in err and "measured 1 of 1" in err  # the summary went to stderr
+    assert main(["fetal", "measure", image, "--pixel-size", "0.1", "--json", str(tmp_path / "m.json"),
+                 "--device", "cpu", "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "") and json.loads((tmp_path / "m.json").read_text())["images"][0]["hc_mm"] > 0
