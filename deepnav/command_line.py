@@ -32,6 +32,8 @@ class HelpFormatter(argparse.HelpFormatter):
         if action.choices is not None and action.metavar is not None:
             text += f" (one of: {', '.join(map(str, action.choices))})"
         default = action.default
+        if getattr(action, "config_default", None):  # `config_option`: the value is the configuration's
+            default = config_value(*action.config_default)
         says_default = re.search(r"\bdefault\b", text, re.IGNORECASE)
         if (not says_default and action.option_strings and action.nargs != 0 and not action.required
                 and default not in (None, argparse.SUPPRESS)):
@@ -58,6 +60,30 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+def config_value(config: str, field: str):
+    """The default of `field` in the dataclass `config` ("package.module:Class")."""
+    import importlib
+
+    module, _, name = config.partition(":")
+    return getattr(getattr(importlib.import_module(module), name), field)
+
+
+def config_option(parser: argparse.ArgumentParser, flag: str, config: str, field: str | None = None, **kwargs):
+    """An option that overrides a field of a configuration dataclass ("module:Class"): its value is
+    None unless given, so that the configuration decides (and a resumed run keeps its own); its
+    help shows the configuration's default, read only when help is printed (the training modules
+    import torch, seconds that `deepnav --help` must not cost)."""
+    action = parser.add_argument(flag, **kwargs)
+    action.config_default = (config, field or action.dest)
+    return action
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="where torch computes: auto (a GPU when there is one, else the CPU), cpu, cuda, "
+                             "cuda:N (gpu means cuda)")
 
 
 def examples(*lines: str, before: str = "") -> str:
