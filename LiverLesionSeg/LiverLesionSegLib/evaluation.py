@@ -15,7 +15,6 @@ Evaluation seeds start at EVALUATION_SEED_BASE; `deepnav liver simulate` refuses
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -128,5 +127,6 @@ def format_table(report: dict) -> str:
 
 
 def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=float))
+    from deepnav.command_line import write_json  # the commands' one JSON writer ("-": standard output)
+
+    write_json(report, path)

@@ -10,9 +10,7 @@ TRE the network followed by the correction stage (`registration.correct_registra
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -169,11 +167,3 @@ def format_table(report: dict) -> str:
                   f"{'speed-up vs baseline':28s}{s['speedup_vs_baseline']:10.0f}x",
                   f"baseline: {s['baseline']['method']}"]
     return "\n".join(lines)
-
-
-def write_report(report: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".partial-" + path.name)
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    tmp.replace(path)
-    return path
