@@ -9,11 +9,12 @@ things the user can fix.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from deepnav import __version__
 from deepnav.command_line import Parser, add_common_options, commands, examples
-from deepnav.errors import InputError
+from deepnav.errors import InputError, PeerLost
 from deepnav.progress import Cancelled
 
 ENTRY_POINT_GROUP = "deepnav.commands"
@@ -62,23 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deepnav import distributed
-
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "device", None) is not None:  # every command's --device, checked before any work
             from deepnav.torch_runtime import pick_device
 
             pick_device(args.device)
-        if distributed.launched_by_torchrun() and not getattr(args, "distributed", False):
-            raise InputError(f"`deepnav {args.module} {getattr(args, 'command', '')}` runs as one process: start it "
-                             "without torchrun (under torchrun: the train commands, liver segment, fetal measure)")
-        with distributed.session(getattr(args, "device", None) or "auto"):  # one process: nothing to join
-            return int(args.run(args) or 0)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of several processes started by torchrun
+            if not getattr(args, "distributed", False):
+                raise InputError(f"`deepnav {args.module} {getattr(args, 'command', '')}` runs as one process: "
+                                 "start it without torchrun (under torchrun: the train commands)")
+            from deepnav import distributed
+
+            with distributed.session(getattr(args, "device", None) or "auto"):
+                return int(args.run(args) or 0)
+        return int(args.run(args) or 0)
     except InputError as exc:
         print(f"deepnav: error: {exc}", file=sys.stderr)
         return 2
-    except distributed.PeerLost as exc:
+    except PeerLost as exc:
         print(f"deepnav: error: {exc}", file=sys.stderr)
         return 1
     except Cancelled:

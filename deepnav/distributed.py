@@ -34,15 +34,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepnav.errors import PeerLost
+
 T = TypeVar("T")
 
 TIMEOUT_ENV = "DEEPNAV_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 900.0
-
-
-class PeerLost(RuntimeError):
-    """Another process of a torchrun job failed, was stopped, or did not answer within the
-    timeout: this one stops too (its own error, printed by that process, says why)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +195,30 @@ def sum_across(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed.nn.functional as dist_fn
 
     return dist_fn.all_reduce(t)
+
+
+class _GatherBatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(_world.size)]
+        dist.all_gather(parts, t.contiguous())
+        ctx.rows = t.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on this rank's rows
+        return grad[_world.rank * ctx.rows:(_world.rank + 1) * ctx.rows]
+
+
+def gather_batch(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's (equal-sized) batch concatenated along dim 0 in rank order, differentiably:
+    a loss that is not a mean over its batch (batch Dice, a masked mean) is then computed on the
+    whole global batch on every rank, exactly as one process computes it, and the backward pass
+    sends each rank the gradient for its own rows (times the world size, which
+    DistributedDataParallel's averaging divides out). One process: t."""
+    return _GatherBatch.apply(t) if _world.active else t
 
 
 def wrap(model: nn.Module, **kwargs) -> nn.Module:

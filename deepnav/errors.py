@@ -6,3 +6,8 @@ Command lines print its message without a traceback; the Slicer modules show it 
 
 class InputError(ValueError):
     """Bad input: a missing or unreadable file, wrong geometry, NaNs, a wrong model file."""
+
+
+class PeerLost(RuntimeError):
+    """Another process of a torchrun job failed, was stopped, or did not answer within the
+    timeout (deepnav.distributed): this one stops too; that process's own error says why."""

@@ -14,6 +14,13 @@
 - Every epoch runs the full inference path on the validation images (four crops, fusion,
   ellipse) and keeps the weights with the lowest mean absolute HC difference. A checkpoint is
   written each epoch; `resume` continues from it.
+- Under torchrun (deepnav.distributed), `batch` is per process: every rank draws the same global
+  batch of N * batch crops (the draws and augmentation are cheap 2D work on the CPU, and drawing
+  them all keeps the random streams those of one process) and trains on its own slice of it; the
+  gradients are averaged (DistributedDataParallel) and batch norm uses the global batch's
+  statistics, so N processes with batch b train as one with batch N * b. An epoch is one pass
+  over the training images at the global batch. Validation images are shared out and the scores
+  merged; rank 0 alone writes. A checkpoint resumes under any number of processes.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepnav.progress import CancelToken, ProgressCallback, print_progress
+from deepnav import distributed
+from deepnav.progress import CancelToken, ProgressCallback, print_progress, silent
 from deepnav.torch_runtime import adam, seed_everything
 from FetalBiometryLib import crops, segment
 from FetalBiometryLib.deidentify import deidentify
-from FetalBiometryLib.evaluation import evaluate
+from FetalBiometryLib.evaluation import score_case, summarise
 from FetalBiometryLib.hc18 import Case, reference_ellipse
 from FetalBiometryLib.image_io import read_image_2d
 from FetalBiometryLib.network import HeadNet
@@ -124,17 +132,22 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
           device: torch.device | None = None, resume: bool = False, metadata: dict | None = None,
           progress: ProgressCallback = print_progress, cancel: CancelToken | None = None) -> tuple[HeadNet, dict]:
     device = device or torch.device("cpu")
+    world = distributed.world()
+    progress = progress if world.is_main else silent
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = seed_everything(config.seed)
-    model = HeadNet(config.width).to(device)
+    model = distributed.global_batch_norm(HeadNet(config.width), world.active).to(device)
     optimiser = adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
-    steps = max(1, len(train_cases) // config.batch)
+    global_config = dataclasses.replace(config, batch=config.batch * world.size)  # what every rank draws
+    mine = slice(world.rank * config.batch, (world.rank + 1) * config.batch)  # and trains on
+    steps = max(1, len(train_cases) // global_config.batch)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / (config.epochs * steps), 1.0))))
     history, start, best = [], 0, {"score": float("inf")}
     checkpoint = out_dir / "checkpoint.pt"
-    if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = distributed.from_main(lambda: torch.load(checkpoint, map_location="cpu", weights_only=False)
+                                  if resume and checkpoint.is_file() else None)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
@@ -144,23 +157,27 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
         progress(0.0, f"resuming after epoch {start}")
     progress(0.0, f"preparing {len(train_cases)} training images")
     data = [prepare(c) for c in train_cases]
+    trained = distributed.wrap(model)  # the model itself in one process
     for epoch in range(start, config.epochs):
         model.train()
         t0, losses = time.perf_counter(), []
         for _ in range(steps):
             if cancel is not None:
-                cancel.check()
-            x, y = sample_batch(data, config, rng)
-            loss = loss_fn(model(x.to(device)), y.to(device))
+                cancel.raise_if_cancelled()
+            x, y = sample_batch(data, global_config, rng)
+            loss = loss_fn(trained(x[mine].to(device)), y[mine].to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             schedule.step()
             losses.append(loss.item())
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": time.perf_counter() - t0}
+        row = {"epoch": epoch, **distributed.mean_across({"loss": float(np.mean(losses))}),
+               "train_s": time.perf_counter() - t0}
         if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
             model.eval()
-            summary = evaluate(segment.HeadSegmenter.from_module(model, device), val_cases)["summary"]
+            segmenter = segment.HeadSegmenter.from_module(model, device)
+            # each rank scores its share of the images; the rows merged in order, as one process makes them
+            summary = summarise(distributed.gather([score_case(segmenter, c) for c in distributed.shard(val_cases)]))
             e = summary.get("ellipse")
             row.update(hc_mae_mm=e["hc_abs_diff_mm"]["mean"] if e else None,
                        hc_signed_mm=e["hc_signed_mean_mm"] if e else None, dice=e["dice"]["mean"] if e else None,
@@ -171,8 +188,11 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
                 max(summary["images"], 1)
             if row["score"] < best["score"] or not (out_dir / "best.pt").is_file():
                 best = dict(row)
-                torch.save(model.state_dict(), out_dir / "best.pt")
+                if world.is_main:
+                    torch.save(model.state_dict(), out_dir / "best.pt")
         history.append(row)
+        if not world.is_main:
+            continue
         tmp = out_dir / ".partial-checkpoint.pt"
         torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history,
@@ -182,6 +202,9 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
         scores = f", validation |HC diff| {row['hc_mae_mm']:.2f} mm, Dice {row['dice']:.4f}" if row.get("dice") else ""
         progress((epoch + 1) / config.epochs,
                  f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}{scores} ({row['train_s']:.0f} s)")
+    distributed.global_batch_norm(model, on=False)  # plain BatchNorm2d again (scripting, other users)
+    if not world.is_main:  # rank 0 writes the model
+        return model, {"best": best, "history": history, "model": None}
     model.load_state_dict(torch.load(out_dir / "best.pt", map_location=device))
     model_path = segment.save(model, out_dir / "model.pt", {**(metadata or {}), "config": config.to_json(),
                                                              "best_validation": best})

@@ -69,8 +69,10 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     p.add_argument("--init", type=Path, help="a DeepNav liver model file to fine-tune (its normalisation is kept; "
                                              "default: from scratch)")
+    p.add_argument("--batch", type=int, help="patches per step in each process (default 2; under torchrun the "
+                                             "global batch is processes x this)")
     add_device_option(p)
-    p.set_defaults(run=_train)
+    p.set_defaults(run=_train, distributed=True)  # also under torchrun (deepnav.distributed)
 
     p = sub.add_parser(
         "segment", help="segment the lesions of a study: lesions.nii.gz, liver.nii.gz, lesions.json/.csv",
@@ -171,6 +173,7 @@ def _simulate(args) -> int:
 def _train(args) -> int:
     require_writable_folder(args.out)  # refused before anything else is said or imported
     console.stage("reading the training cases")  # torch's import first: seconds
+    from deepnav import distributed
     from deepnav.torch_runtime import configure_threads, pick_device
     from LiverLesionSegLib.dataset import read_dataset
     from LiverLesionSegLib.model_io import save_model
@@ -178,7 +181,7 @@ def _train(args) -> int:
 
     configure_threads()
     config = TrainConfig(seed=args.seed)
-    for name in ("epochs", "steps_per_epoch", "lr", "lesion_fraction", "liver_fraction", "val_every", "single_phase"):
+    for name in ("epochs", "steps_per_epoch", "batch", "lr", "lesion_fraction", "liver_fraction", "val_every", "single_phase"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     cases = read_dataset(args.data, progress=print_progress)
@@ -193,6 +196,8 @@ def _train(args) -> int:
     console.stage("training")
     model, normalisation, info = train(cases[:-args.val_cases], cases[-args.val_cases:], args.out, config,
                                        device=pick_device(args.device), resume=args.resume, init=init)
+    if not distributed.is_main():  # rank 0 of a torchrun job writes the model and reports
+        return 0
     manifest = json.loads((args.data / "dataset.json").read_text())
     path = save_model(model, normalisation, args.out / "model.pt", {"training": {
         "data": str(args.data), "data_description": manifest.get("description") or manifest.get("name", ""),

@@ -12,6 +12,13 @@ least one kept) teaches the network to work on any subset of phases, so that one
 1 to 4 phases; `single_phase` gives a share of patches one phase alone, since dropout alone
 rarely leaves exactly one (2% of patches for a given phase) while a single series is what a
 user often has.
+
+Under torchrun (deepnav.distributed), `batch` is per process: every rank draws the same global
+batch of N * batch patches (the same random streams as one process with batch N * batch) and runs
+the network on its own slice; the loss, a batch Dice, is computed on the logits of the whole
+global batch (gathered differentiably), and DistributedDataParallel averages the gradients, so N
+processes with batch b train as one with batch N * b. Validation cases are shared out and their
+scores merged; rank 0 alone writes. A checkpoint resumes under any number of processes.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from monai.losses import DiceLoss, FocalLoss
 from monai.networks import one_hot
 from scipy import ndimage
 
+from deepnav import distributed
 from deepnav.model_files import save_atomic
-from deepnav.progress import CancelToken, ProgressCallback, print_progress
+from deepnav.progress import CancelToken, ProgressCallback, print_progress, silent
 from deepnav.torch_runtime import adam, seed_everything
 from LiverLesionSegLib.dataset import IGNORE, TrainingCase
 from LiverLesionSegLib.evaluation import dice
@@ -169,6 +177,10 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
     if not train_cases or not val_cases:
         raise ValueError("training needs at least one training and one validation case")
     device = device or torch.device("cpu")
+    world = distributed.world()
+    progress = progress if world.is_main else silent
+    global_batch = config.batch * world.size  # every rank draws them all and trains on its slice
+    mine = slice(world.rank * config.batch, (world.rank + 1) * config.batch)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     normalisation = init[1] if init is not None else Normalisation.fit(
@@ -189,8 +201,9 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
     best = {"val_loss": math.inf, "epoch": -1}
     epoch0 = 0
     checkpoint = out_dir / "checkpoint.pt"
-    if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = distributed.from_main(lambda: torch.load(checkpoint, map_location="cpu", weights_only=False)
+                                  if resume and checkpoint.exists() else None)  # rank 0 reads, all get it
+    if state is not None:
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{checkpoint} is not a checkpoint of this version")
         model.load_state_dict(state["model"])
@@ -198,6 +211,7 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
         history, best, epoch0 = state["history"], state["best"], state["epoch"] + 1
         normalisation = Normalisation.from_json(state["normalisation"])
         progress(epoch0 / config.epochs, f"resuming after epoch {epoch0} of {config.epochs}")
+    net = distributed.wrap(model)  # the model itself in one process
     for epoch in range(epoch0, config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         augment = augmentation(config.seed * 1000 + epoch)
@@ -209,16 +223,16 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
             if cancel is not None:
                 cancel.raise_if_cancelled()
             images, labels = [], []
-            for _ in range(config.batch):
+            for _ in range(global_batch):
                 n = int(rng.integers(len(inputs)))
                 image, label = _patch(*inputs[n], lesions[n], livers[n], config.patch, rng, _patch_centre(rng, config))
                 image = _drop_phases(image, present[n], rng, config.phase_drop, config.single_phase)
                 sample = augment({"image": torch.from_numpy(image), "label": torch.from_numpy(label[None].astype(np.float32))})
                 images.append(torch.as_tensor(sample["image"]))
                 labels.append(torch.as_tensor(sample["label"]))
-            x = torch.stack(images).float().to(device, memory_format=torch.channels_last_3d)
+            x = torch.stack(images[mine]).float().to(device, memory_format=torch.channels_last_3d)
             y = torch.stack(labels).round().to(device)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(distributed.gather_batch(net(x)), y)  # on the whole global batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -228,31 +242,36 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
                          f"epoch {epoch + 1}/{config.epochs} step {step + 1}: loss {np.mean(losses[-10:]):.4f}")
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": float(np.mean(losses))}
         if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
-            scores = validate(model, val_cases, normalisation, loss_fn, device, cancel)
+            scores = validate(model, val_cases, normalisation, loss_fn, device, cancel)  # (shared out)
             record.update(scores)
             progress((epoch + 1) / config.epochs,
                      f"epoch {epoch + 1}/{config.epochs}: val loss {scores['val_loss']:.4f}, "
                      f"lesion Dice {scores['val_lesion_dice']:.3f}, liver Dice {scores['val_liver_dice']:.3f}")
             if scores["val_loss"] < best["val_loss"]:
                 best = {"epoch": epoch, **scores}
-                save_atomic({"model": model.state_dict(), "epoch": epoch}, out_dir / "best.pt")
+                if world.is_main:
+                    save_atomic({"model": model.state_dict(), "epoch": epoch}, out_dir / "best.pt")
         history.append({**record, "seconds": time.perf_counter() - t0})
+        if not world.is_main:  # rank 0 alone writes
+            continue
         save_atomic({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "epoch": epoch, "history": history, "best": best, "normalisation": normalisation.to_json(),
                       "config": dataclasses.asdict(config)}, checkpoint)
         (out_dir / "history.json").write_text(json.dumps({"config": dataclasses.asdict(config), "history": history,
                                                           "best": best}, indent=2))
-    model.load_state_dict(torch.load(out_dir / "best.pt", map_location=device, weights_only=False)["model"])
+    if world.is_main:  # (the other processes return their last weights)
+        model.load_state_dict(torch.load(out_dir / "best.pt", map_location=device, weights_only=False)["model"])
     return model.eval(), normalisation, {"history": history, "best": best, "config": dataclasses.asdict(config)}
 
 
 @torch.no_grad()
 def validate(model: LesionUNet, cases: list[TrainingCase], normalisation: Normalisation, loss_fn, device,
              cancel: CancelToken | None = None) -> dict:
-    """Whole-case validation: mean loss, lesion and liver Dice (all phases given; IGNORE voxels left out)."""
+    """Whole-case validation: mean loss, lesion and liver Dice (all phases given; IGNORE voxels left
+    out). Under torchrun each process scores its share of the cases and the scores are merged."""
     model.eval()
     losses, lesion, liver = [], [], []
-    for case in cases:
+    for case in distributed.shard(cases):
         logits = predict_logits(model, normalisation.apply(case.phases_hu), device, cancel=cancel)
         target = torch.from_numpy(case.label.astype(np.float32))[None, None]
         losses.append(float(loss_fn(logits[None], target)))
@@ -260,5 +279,6 @@ def validate(model: LesionUNet, cases: list[TrainingCase], normalisation: Normal
         prediction, label = logits.argmax(0).numpy()[known], case.label[known]
         lesion.append(dice(prediction == 2, label == 2))
         liver.append(dice(prediction > 0, label > 0))
+    losses, lesion, liver = zip(*distributed.gather(list(zip(losses, lesion, liver, strict=True))), strict=True)
     return {"val_loss": float(np.mean(losses)), "val_lesion_dice": float(np.mean(lesion)),
             "val_liver_dice": float(np.mean(liver))}

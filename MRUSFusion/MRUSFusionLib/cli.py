@@ -58,6 +58,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     config_option(p, "--rigid-epochs", TRAIN_CONFIG, type=int, help="epochs of the rigid stage")
     config_option(p, "--bspline-epochs", TRAIN_CONFIG, type=int, help="epochs of the B-spline stage")
     config_option(p, "--steps-per-epoch", TRAIN_CONFIG, type=int, help="optimiser steps per epoch")
+    p.add_argument("--batch", type=int, help="pairs per step in each process (default 1; under torchrun the "
+                                             "global batch is processes x this)")
     p.add_argument("--weights", type=float, nargs=3, metavar=("LABEL", "MIND", "SMOOTH"),
                    help="loss weights (default 100 0.01 1: labels main; the spec's other reading is 0.01 100 1)")
     config_option(p, "--lr-rigid", TRAIN_CONFIG, type=float, help="learning rate of the rigid stage")
@@ -77,7 +79,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     add_device_option(p)
     p.add_argument("--out", type=Path, required=True,
                    help="folder for checkpoint.pt, best.pt, history.json, model.pt and model.pt2")
-    p.set_defaults(run=_train)
+    p.set_defaults(run=_train, distributed=True)  # also under torchrun (deepnav.distributed)
 
     p = sub.add_parser(
         "register", help="register US volume(s) to an MR and write the transforms",
@@ -190,13 +192,16 @@ def _phantom(args) -> int:
 def _train(args) -> int:
     require_writable_folder(args.out)  # refused before anything else is said or imported
     console.stage("preparing the training data")  # before torch's import: seconds
+    from deepnav import distributed
+    from deepnav.progress import silent
     from deepnav.torch_runtime import configure_threads, pick_device
     from MRUSFusionLib import dataset, losses, model_io, training
 
     configure_threads()
     config = (training.checkpoint_config(args.out) if args.resume else None) or training.TrainConfig(seed=args.seed)
     overrides = {"rigid_epochs": args.rigid_epochs, "bspline_epochs": args.bspline_epochs,
-                 "steps_per_epoch": args.steps_per_epoch, "lr_rigid": args.lr_rigid, "lr_bspline": args.lr_bspline,
+                 "steps_per_epoch": args.steps_per_epoch, "batch": args.batch,
+                 "lr_rigid": args.lr_rigid, "lr_bspline": args.lr_bspline,
                  "augment_shift": args.augment_shift, "augment_rotation_deg": args.augment_rotation,
                  "weight_average": args.weight_average}
     for name, value in overrides.items():
@@ -214,22 +219,30 @@ def _train(args) -> int:
         if args.synthetic <= args.val_patients:
             raise InputError(f"--synthetic {args.synthetic} leaves no training patient after {args.val_patients} for validation")
         seeds = dataset.training_seeds(args.seed, args.synthetic)
-        print_progress(0.0, f"generating {len(seeds)} synthetic patients x {args.frames} frames")
-        pools = dataset.synthetic_samples(seeds, args.frames, progress=print_progress)
         n_train = len(seeds) - args.val_patients
-        train_samples = [s for pool in pools[:n_train] for s in pool]
-        val_samples = [pool[i] for pool in pools[n_train:] for i in dataset.validation_frames(len(pool))]
+        # under torchrun each process makes its own share of the patients (none is made twice)
+        mine = distributed.shard(seeds[:n_train]) + distributed.shard(seeds[n_train:])
+        print_progress(0.0, f"generating {len(mine)} synthetic patients x {args.frames} frames"
+                       + (f" ({distributed.world().describe()})" if distributed.world().active else ""))
+        pools = dataset.synthetic_samples(mine, args.frames, workers=dataset.generation_workers(),
+                                          progress=print_progress if distributed.is_main() else silent)
+        n_mine = len(distributed.shard(seeds[:n_train]))
+        train_samples = [s for pool in pools[:n_mine] for s in pool]
+        val_samples = [pool[i] for pool in pools[n_mine:] for i in dataset.validation_frames(len(pool))]
         source = {"kind": "synthetic", "patient_seeds": seeds, "frames": args.frames, "validation_patients": seeds[n_train:]}
     else:
         if not (args.mr_vessels and args.us and args.us_vessels):
             raise InputError("file training needs --mr, --mr-vessels, --us and --us-vessels")
         samples = dataset.file_samples(args.mr, args.mr_vessels, args.us, args.us_vessels, args.liver)
         train_samples, val_samples, val_idx = training.split_frames(samples, args.val_frames)
+        val_samples = distributed.shard(val_samples)  # each process validates its share
         source = {"kind": "files", "mr": str(args.mr), "us": [str(p) for p in args.us], "validation_frames": val_idx}
     init = model_io.load_model(args.init, "cpu").eager().state_dict() if args.init else None
     console.stage("training")
     path, info = training.train_and_save(train_samples, val_samples, args.out, config, source=source,
                                          device=pick_device(args.device), resume=args.resume, init_state=init)
+    if path is None:  # not rank 0 of a torchrun job: rank 0 reports and writes
+        return 0
     best = info["best"]
     # the score the best epoch was chosen by: landmark TRE where the truth is known (synthetic)
     chosen_by = f"landmark TRE {best['tre_mm']:.2f} mm, " if "tre_mm" in best else ""

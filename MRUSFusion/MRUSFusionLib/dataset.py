@@ -53,6 +53,13 @@ def validation_frames(frames: int) -> list[int]:
     return sorted({0, frames // 2, frames - 1})
 
 
+def generation_workers() -> int:
+    """Worker processes for synthetic patients: this machine's cores shared among the processes a
+    torchrun job starts on it (LOCAL_WORLD_SIZE; one process: every core, 2 on this 2-core CPU as
+    before), so that N ranks on a node generate N shares at once without oversubscribing it."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def synthetic_samples(seeds: list[int], frames: int, workers: int = 2,
                       progress: ProgressCallback = silent) -> list[list[Sample]]:
     """One list of samples per patient, generated in parallel processes (~7 s per patient of

@@ -4,10 +4,19 @@ The rigid network learns from the vessel-label term only (as the spec says); the
 network then learns with the hybrid loss while the rigid network stays frozen. Each epoch ends
 with a validation score on held-out frames, a resumable checkpoint (written atomically), and the
 best-validation weights kept apart. Seeds make runs repeatable.
+
+A step trains on `batch` pairs per process (default one), each drawn and augmented from its own
+random stream, one per place in the global batch (one pair per step in one process keeps the
+stream it always had). Under torchrun (deepnav.distributed) every process trains on its own
+training pairs (its own synthetic patients), its places in the global batch of N * batch pairs,
+the gradients averaged by DistributedDataParallel: N processes with batch b train as one with
+batch N * b. Each process validates its own held-out frames and the scores are merged; rank 0
+alone writes and reports. A checkpoint resumes under any number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,9 +27,10 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from deepnav import distributed
 from deepnav.errors import InputError
 from deepnav.model_files import save_atomic
-from deepnav.progress import CancelToken, ProgressCallback, print_progress
+from deepnav.progress import CancelToken, ProgressCallback, print_progress, silent
 from deepnav.torch_runtime import adam, seed_everything
 from MRUSFusionLib import losses
 from MRUSFusionLib.networks import Cascade
@@ -35,6 +45,7 @@ class TrainConfig:
     rigid_epochs: int = 10
     bspline_epochs: int = 16
     steps_per_epoch: int = 50
+    batch: int = 1  # pairs per step in each process (gradients averaged over them)
     lr_rigid: float = 2e-4
     lr_bspline: float = 3e-4
     lr_decay: bool = True  # cosine over each stage, to 5% of its rate (stage_lr)
@@ -242,26 +253,31 @@ def bspline_step(model: Cascade, batch: Batch, config: TrainConfig, rng: np.rand
 def validate(model: Cascade, samples: list[Sample], device) -> dict:
     """Vessel Dice and label NCC after the full cascade, over held-out frames, and MIND; where
     every frame carries known landmarks (synthetic patients), also their median TRE (mm: the grid
-    is 1 mm) before registration, after the rigid stage and after the cascade."""
+    is 1 mm) before registration, after the rigid stage and after the cascade. Under torchrun,
+    each process scores its own frames and the scores are those of all of them."""
     model.eval()
-    dice, ncc, mind, tre_initial, tre_rigid, tre = [], [], [], [], [], []
+    rows = []
     for sample in samples:
         fixed, moving, fov, fixed_label, moving_label = sample.tensors(device)
         warped, disp, matrix, _ = model(fixed, moving)
         mask = (warp(fov, disp) > 0.5).float()
         warped_label = warp(moving_label, disp)
-        dice.append(vessel_dice(fixed_label, warped_label, mask))
-        ncc.append(float(losses.ncc(fixed_label, warped_label, mask)))
-        mind.append(float(losses.mind_loss(fixed, warped, mask)))
+        row = {"dice": vessel_dice(fixed_label, warped_label, mask), "ncc": float(losses.ncc(fixed_label, warped_label, mask)),
+               "mind": float(losses.mind_loss(fixed, warped, mask)), "landmarks": sample.landmarks_ijk is not None,
+               "tre_initial": [], "tre_rigid": [], "tre": []}
         if sample.landmarks_ijk is not None and len(sample.landmarks_ijk):
             x, truth = sample.landmarks_ijk.to(device).unbind(1)
-            tre_initial.extend(torch.linalg.norm(x - truth, dim=1).tolist())
+            row["tre_initial"] = torch.linalg.norm(x - truth, dim=1).tolist()
             rigid = affine_displacement(matrix, list(fixed.shape[2:]))
-            tre_rigid.extend(torch.linalg.norm(map_points(rigid, x) - truth, dim=1).tolist())
-            tre.extend(torch.linalg.norm(map_points(disp, x) - truth, dim=1).tolist())
+            row["tre_rigid"] = torch.linalg.norm(map_points(rigid, x) - truth, dim=1).tolist()
+            row["tre"] = torch.linalg.norm(map_points(disp, x) - truth, dim=1).tolist()
+        rows.append(row)
     model.train()
+    rows = distributed.gather_concat(rows)  # every process's frames (one process: its own)
+    dice, ncc, mind = ([r[k] for r in rows] for k in ("dice", "ncc", "mind"))
+    tre_initial, tre_rigid, tre = ([v for r in rows for v in r[k]] for k in ("tre_initial", "tre_rigid", "tre"))
     scores = {"vessel_dice": float(np.mean(dice)), "label_ncc": float(np.mean(ncc)), "mind": float(np.mean(mind))}
-    if tre and all(s.landmarks_ijk is not None for s in samples):
+    if tre and all(r["landmarks"] for r in rows):
         scores.update(tre_initial_mm=float(np.median(tre_initial)), tre_rigid_mm=float(np.median(tre_rigid)),
                       tre_mm=float(np.median(tre)))
     return scores
@@ -300,9 +316,14 @@ def train(
     `checkpoint.pt` (resumable, every epoch), `best.pt` (best weights), `history.json`.
     With `resume`, training continues after the checkpoint's last epoch up to `config`'s epoch
     counts (pass `checkpoint_config(out_dir)` with more epochs to extend a finished run)."""
-    if not train_samples or not val_samples:
+    world = distributed.world()
+    if not train_samples or not sum(distributed.gather_concat([len(val_samples)])):
         raise ValueError("training needs at least one training and one validation frame")
     device = device or torch.device("cpu")
+    progress = progress if world.is_main else silent
+    # this process's places in the global batch of world.size * config.batch pairs
+    slots = range(world.rank * config.batch, (world.rank + 1) * config.batch)
+    one_stream = world.size * config.batch == 1  # one pair per step: the stream it always had
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     model = Cascade().to(device)
@@ -313,8 +334,10 @@ def train(
     epoch0 = 0
     opt_state = None
     checkpoint_path = out_dir / "checkpoint.pt"
-    if resume and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    # read on rank 0 and sent to the others (the nodes need not share a file system)
+    ckpt = distributed.from_main(lambda: torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+                                 if resume and checkpoint_path.exists() else None)
+    if ckpt is not None:
         if ckpt.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{checkpoint_path} is not a checkpoint of this version")
         model.load_state_dict(ckpt["model"])
@@ -339,34 +362,39 @@ def train(
             optimizer = adam(params, lr)
             if opt_state is not None and opt_state["stage"] == stage:
                 optimizer.load_state_dict(opt_state["state"])
-        rng = np.random.default_rng([config.seed, epoch])
+            step_loss = distributed.wrap(_StageLoss(model, stage, config, world.active))
+        rngs = [np.random.default_rng([config.seed, epoch] if one_stream else [config.seed, epoch, slot]) for slot in slots]
         t0 = time.perf_counter()
         running: dict[str, list[float]] = {}
         for step in range(config.steps_per_epoch):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            sample = train_samples[int(rng.integers(len(train_samples)))]
-            batch = make_batch(sample, config, device, rng)
-            if stage == "rigid":
-                loss, terms = rigid_step(model, batch, config)
-            else:
-                loss, terms = bspline_step(model, batch, config, rng)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_terms: dict[str, list[float]] = {}
+            for n, rng in enumerate(rngs):
+                sample = train_samples[int(rng.integers(len(train_samples)))]
+                batch = make_batch(sample, config, device, rng)
+                # gradients accumulate over this process's pairs and are averaged over the
+                # processes after the last one (DistributedDataParallel)
+                with distributed.no_sync(step_loss) if n < len(rngs) - 1 else contextlib.nullcontext():
+                    loss, terms = step_loss(batch, rng)
+                    (loss / len(rngs)).backward()
+                for k, v in {"loss": float(loss.detach()), **terms}.items():
+                    step_terms.setdefault(k, []).append(v)
             for group in optimizer.param_groups:
                 group["lr"] = stage_lr(config, stage, epoch, step)
             optimizer.step()
             if average is not None:
                 average.update(model)
-            for k, v in {"loss": float(loss.detach()), **terms}.items():
-                running.setdefault(k, []).append(v)
+            for k, v in step_terms.items():
+                running.setdefault(k, []).append(float(np.mean(v)))
             done = (epoch + (step + 1) / config.steps_per_epoch) / total_epochs
             if (step + 1) % 10 == 0:
                 recent = np.mean(running["loss"][-10:])
                 progress(done, f"epoch {epoch + 1}/{total_epochs} ({stage}) step {step + 1}: loss {recent:.4f}")
         scores = validate(evaluated, val_samples, device)
         record = {"epoch": epoch, "stage": stage, "seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"],
-                  **{f"train_{k}": float(np.mean(v)) for k, v in running.items()},
+                  **distributed.mean_across({f"train_{k}": float(np.mean(v)) for k, v in running.items()}),
                   **{f"val_{k}": v for k, v in scores.items()}}
         history.append(record)
         tre = (f" TRE {scores['tre_initial_mm']:.2f} -> {scores['tre_rigid_mm']:.2f} (rigid) -> {scores['tre_mm']:.2f} mm"
@@ -379,7 +407,10 @@ def train(
         score = -scores["tre_mm"] if "tre_mm" in scores else scores["label_ncc"] - scores["mind"]
         if score > best["score"]:
             best = {"score": score, "epoch": epoch, **scores}
-            save_atomic({"model": evaluated.state_dict(), "epoch": epoch, "scores": scores}, out_dir / "best.pt")
+            if world.is_main:
+                save_atomic({"model": evaluated.state_dict(), "epoch": epoch, "scores": scores}, out_dir / "best.pt")
+        if not world.is_main:  # rank 0 alone writes
+            continue
         save_atomic({
             "version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
             "average": None if average is None else average.model.state_dict(),
@@ -388,10 +419,30 @@ def train(
         }, checkpoint_path)
         (out_dir / "history.json").write_text(json.dumps({"config": config.to_json(), "history": history,
                                                           "best": best, "metadata": metadata or {}}, indent=2))
-    best_state = torch.load(out_dir / "best.pt", map_location=device, weights_only=False)
-    model.load_state_dict(best_state["model"])
+    model.requires_grad_(True)
+    if world.is_main:  # (the other processes return their last weights)
+        best_state = torch.load(out_dir / "best.pt", map_location=device, weights_only=False)
+        model.load_state_dict(best_state["model"])
     model.eval()
     return model, {"history": history, "best": best, "config": config.to_json()}
+
+
+class _StageLoss(torch.nn.Module):
+    """One pair's loss for the stage being trained, as a module that DistributedDataParallel can
+    wrap (it hooks the gradient averaging into forward); under DDP the other stage is frozen, so
+    that only the trained stage's gradients are averaged."""
+
+    def __init__(self, model: Cascade, stage: str, config: TrainConfig, freeze_other: bool):
+        super().__init__()
+        self.model, self.stage, self.config = model, stage, config
+        if freeze_other:
+            model.rigid.requires_grad_(stage == "rigid")
+            model.bspline.requires_grad_(stage != "rigid")
+
+    def forward(self, batch: Batch, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        if self.stage == "rigid":
+            return rigid_step(self.model, batch, self.config)
+        return bspline_step(self.model, batch, self.config, rng)
 
 
 def split_frames(samples: list, val_frames: int) -> tuple[list, list, list[int]]:
@@ -418,6 +469,8 @@ def train_and_save(train_samples: list[Sample], val_samples: list[Sample], out_d
                              "loss": f"{w.label} * label + {w.mind} * MIND + {w.smooth} * smoothness"}}
     model, info = train(train_samples, val_samples, out_dir, config, device=device, resume=resume,
                         progress=progress, cancel=cancel, metadata=metadata, init_state=init_state)
+    if not distributed.is_main():  # rank 0 writes the model
+        return None, info
     metadata["training"]["best"] = info["best"]
     path = model_io.save_torchscript(model, out_dir / "model.pt", metadata)
     model_io.save_exported(model, out_dir / "model.pt2", metadata)
