@@ -224,3 +224,31 @@ def test_training_runs_resumes_and_records_its_split(tmp_path):
     loaded = HeadSegmenter.load(info["model"], "cpu")
     assert loaded.metadata["split"]["validation_subjects"] and loaded.metadata["config"]["width"] == 4
     assert loaded.probability(np.zeros((540, 800), np.float32)).shape == (540, 800)
+
+
+def _caption(picture: np.ndarray, image_rows: int) -> np.ndarray:
+    return picture[image_rows:]
+
+
+def test_a_rejected_image_shows_why_on_its_picture():
+    from FetalBiometryLib.measure import Measurement
+    from FetalBiometryLib.overlay import CAPTION_BACKGROUND, VERMILLION, caption_lines, overlay_picture
+    from FetalBiometryLib.pipeline import Result
+
+    pixels = np.random.default_rng(0).random((300, 400)).astype(np.float32)
+    result = Result(Measurement(None, reason="no fetal head found"), np.zeros_like(pixels), pixels, 0)
+    assert caption_lines(result, 0.1, 400)[0] == ("NOT MEASURED: no fetal head found", VERMILLION)
+    picture = overlay_picture(result, 0.1)
+    caption = _caption(picture, 300)
+    first_line = caption[:24].reshape(-1, 3).astype(int)
+    # the reason's text is drawn in vermillion over the caption's background
+    reddish = (first_line[:, 0] > first_line[:, 2] + 80) & (np.abs(first_line - CAPTION_BACKGROUND).sum(1) > 60)
+    assert picture.shape[1] == 400 and reddish.sum() > 100
+
+
+def test_the_scale_bar_is_a_round_length_at_most_a_quarter_of_the_picture():
+    from FetalBiometryLib.overlay import scale_bar_mm
+
+    # 0.1 mm pixels, 800 wide: a quarter is 200 px = 20 mm; 0.25 mm pixels, 540 wide: 135 px = 33.75 mm -> 20
+    assert scale_bar_mm(0.1, 800) == 20 and scale_bar_mm(0.25, 540) == 20 and scale_bar_mm(0.05, 100) == 1
+    assert scale_bar_mm(1.0, 2) is None  # not even 1 mm fits

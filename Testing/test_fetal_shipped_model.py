@@ -52,10 +52,20 @@ def test_json_carries_the_ellipse_in_pixels_and_mm(measured):
     assert 0 < row["runtime_s"]
 
 
-def test_overlays_are_written(measured):
+def test_overlays_show_the_measurement_in_colours_of_the_legend_with_a_caption(measured):
+    from FetalBiometryLib.overlay import CAPTION_BACKGROUND, LEGEND
+
     report, out = measured
     picture = sitk.ReadImage(report["images"][0]["overlay"])
-    assert picture.GetNumberOfComponentsPerPixel() == 3 and picture.GetSize() == (800, 540)
+    assert picture.GetNumberOfComponentsPerPixel() == 3
+    width, height = picture.GetSize()
+    assert width == 800 and height > 540 + 3 * 24  # the 800 x 540 image, then the caption's lines
+    rgb = sitk.GetArrayFromImage(picture)
+    image, caption = rgb[:540].reshape(-1, 3), rgb[540:]
+    for name, colour in LEGEND:  # each drawing is on the image in its legend colour
+        assert (image == colour).all(axis=1).sum() > 100, name
+    # the caption is written on (values, legend, scale bar), not left blank
+    assert (np.abs(caption.astype(int) - CAPTION_BACKGROUND).sum(axis=2) > 200).sum() > 2000
 
 
 def test_unmeasurable_inputs_say_why(tmp_path):

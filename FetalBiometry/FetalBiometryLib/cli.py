@@ -132,7 +132,7 @@ def _measure(args) -> int:
             console.say(f"{path}: HC {row['hc_mm']:.1f} mm, BPD {row['bpd_mm']:.1f} mm, OFD {row['ofd_mm']:.1f} mm"
                   + (f"  [{'; '.join(row['flags'])}]" if row["flags"] else ""))
         if args.overlay and result is not None:
-            row["overlay"] = str(write_overlay(result, args.overlay / f"{overlay_name}.png"))
+            row["overlay"] = str(write_overlay(result, args.overlay / f"{overlay_name}.png", row.get("pixel_mm")))
         rows.append(row)
     print_progress(1.0, "done")
     write_json({"images": rows}, args.json)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from deepnav.pictures import text_strip
+
 # an orange-to-yellow ramp for the echo, so grey MR and coloured US stay distinguishable
 _US_RGB = np.array([[0.0, 0.0, 0.0], [1.0, 0.45, 0.0], [1.0, 1.0, 0.3]])
 
@@ -67,30 +69,6 @@ def _pad_to(img: np.ndarray, height: int) -> np.ndarray:
     out = np.zeros((height, img.shape[1], 3), np.uint8)
     out[: img.shape[0]] = img
     return out
-
-
-def text_strip(text: str, width: int, height: int = 18, size: int = 13) -> np.ndarray:
-    """A white strip (height x width RGB uint8) with `text` in black, rendered by VTK's FreeType
-    text renderer (VTK is already a dependency and is part of Slicer; no plotting library)."""
-    import vtk
-    from vtk.util.numpy_support import vtk_to_numpy
-
-    strip = np.full((height, width, 3), 255, np.uint8)
-    prop = vtk.vtkTextProperty()
-    prop.SetFontSize(size)
-    prop.SetColor(0.0, 0.0, 0.0)
-    prop.SetBackgroundOpacity(0.0)
-    image, dims = vtk.vtkImageData(), [0, 0]
-    if not text or not vtk.vtkTextRenderer().RenderString(prop, text, image, dims, 72):
-        return strip
-    nx, ny, _ = image.GetDimensions()
-    rgba = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(ny, nx, -1)[::-1]  # VTK rows go up
-    coverage = rgba[: dims[1], : dims[0], 3].astype(np.float32) / 255.0
-    h, w = min(coverage.shape[0], height - 2), min(coverage.shape[1], width - 4)
-    top = (height - h) // 2
-    region = strip[top: top + h, 4: 4 + w].astype(np.float32)
-    strip[top: top + h, 4: 4 + w] = (region * (1.0 - coverage[:h, :w, None])).astype(np.uint8)
-    return strip
 
 
 def overlay_panel(mr: np.ndarray, rows: list[tuple[str, np.ndarray, np.ndarray]],
