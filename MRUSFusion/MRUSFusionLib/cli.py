@@ -271,9 +271,10 @@ def _register(args) -> int:
     # one folder per US volume, named after it, whether one volume is given or many: a script
     # finds OUT/<name>/transform.h5 without knowing how many came with it
     names = distinct_names([image_stem(p) for p in args.us])
+    # one stage for the batch: its bar moves volume by volume, so the ETA is the batch's
+    console.stage(f"registering {len(args.us)} US volume(s)" + ("" if args.fast else ", network then correction"))
     for n, (us_path, name) in enumerate(zip(args.us, names, strict=True)):
-        console.stage(f"registering {us_path.name} ({n + 1}/{len(args.us)})"
-                      + ("" if args.fast else ": network, then the correction"))
+        print_progress(n / len(args.us), us_path.name)
         us = read_volume(us_path, what="US volume")
         result = register(model, mr, us, liver=liver, initial=initial, correct=not args.fast)
         out = args.out / name
@@ -298,6 +299,7 @@ def _register(args) -> int:
         console.say(f"{us_path.name}: {summary}, folding {result.folding_percent():.3f}% -> {out}")
         if result.correction is not None and result.correction.report["flags"]:
             console.warn(f"{us_path.name}: check {', '.join(result.correction.report['flags'])} (see registration.json)")
+    print_progress(1.0, "done")
     return 0
 
 
