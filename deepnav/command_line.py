@@ -113,12 +113,13 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_command(run, args: argparse.Namespace):
-    console.quiet = args.quiet
+    quiet, console.quiet = console.quiet, args.quiet
     try:
         with stdout_for_data(str(getattr(args, "json", "")) == STDOUT):
             return run(args)
     finally:
         console.close()
+        console.quiet = quiet  # a command run in-process (tests, a notebook) leaves the console as it was
 
 
 def add_json_option(parser: argparse.ArgumentParser, what: str, required: bool = True) -> None:
