@@ -190,3 +190,73 @@ def test_the_command_line_runs_under_torchrun_and_rank_0_alone_writes(fetal_data
     refused = _run(["-m", "deepnav", "fetal", "evaluate", "--data", fetal_data, "--split", "all",
                     "--json", tmp_path / "e.json"], processes=2)
     assert refused.returncode != 0 and "runs as one process" in refused.stderr
+
+
+def test_fetal_measure_shared_out_over_two_processes_writes_what_one_process_writes(tmp_path):
+    """Five images (two of them twice, from another folder: uneven shares, repeated names) measured
+    by 2 processes under torchrun and by 1: the same JSON (each image's runtime_s apart, a clock
+    reading; the overlay paths relative to each run's folder) and byte-identical overlay pictures."""
+    samples = HERE.parent / "FetalBiometry" / "Resources" / "Samples"
+    other = tmp_path / "other"
+    other.mkdir()
+    images = sorted(samples.glob("*_HC.png"))
+    for image in images[:2]:
+        (other / image.name).write_bytes(image.read_bytes())
+    inputs = [*images, *sorted(other.glob("*.png"))]
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        result = _run(["-m", "deepnav", "fetal", "measure", *inputs, "--pixel-size", "0.15", "--json",
+                       out / "hc.json", "--overlay", out / "overlays", "--device", "cpu"], processes)
+        assert result.returncode == 0, result.stderr[-4000:]
+        rows = json.loads((out / "hc.json").read_text())["images"]
+        for row in rows:
+            assert row.pop("runtime_s") > 0
+            row["overlay"] = str(Path(row["overlay"]).relative_to(out))  # the two runs' folders differ
+        pictures = {p.name: p.read_bytes() for p in sorted((out / "overlays").iterdir())}
+        outputs[processes] = rows, pictures
+    (rows1, pictures1), (rows2, pictures2) = outputs[1], outputs[2]
+    assert [r["path"] for r in rows2] == [str(p) for p in inputs]
+    assert rows2 == rows1
+    assert len(pictures1) == len(inputs) and pictures2 == pictures1
+
+
+def test_liver_studies_shared_out_over_two_processes_write_what_one_process_writes(tmp_path):
+    """Three studies (two folders of the same name: uneven shares, repeated names) segmented by 2
+    processes under torchrun and by 1 (a stand-in network, test_liver_pipeline's): the same files,
+    byte for byte, lesions.json apart from its stage timings (clock readings)."""
+    from LiverLesionSegLib.abdomen import synthetic_abdomen
+    from LiverLesionSegLib.simulator import simulate_case
+    from test_liver_pipeline import threshold_model
+
+    from deepnav.imaging import write_volume
+
+    threshold_model(tmp_path)  # writes tmp_path / threshold.pt
+    folders = [tmp_path / "studies" / "a", tmp_path / "studies" / "b", tmp_path / "more" / "a"]
+    for seed, folder in enumerate(folders, 21):
+        case = simulate_case(synthetic_abdomen(4), seed, phases=("arterial", "venous"), spacing=(2.0, 2.0, 4.0),
+                             kinds=("cyst",), lesions=(1, 2), motion=(2.0, 3.0))
+        folder.mkdir(parents=True)
+        write_volume(case.phases["venous"], folder / "venous.nii.gz")  # one phase: no registration, seconds
+    files, status = {}, {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        result = _run(["-m", "deepnav", "liver", "segment", "--studies", tmp_path / "studies", tmp_path / "more" / "a",
+                       "--model", tmp_path / "threshold.pt", "--device", "cpu", "--out", out], processes)
+        assert result.returncode in (0, 3) if processes == 1 else result.returncode == (status[1] != 0), \
+            result.stderr[-4000:]  # (torchrun ends with 1 when a process did not end with 0)
+        status[processes] = result.returncode
+        files[processes] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    one, two = files[1], files[2]
+    assert one.keys() == two.keys()
+    assert {k.split("/")[0] for k in one} == {"a", "b", "a_2", "studies.json"}
+    for name in one:
+        if name.endswith("lesions.json"):
+            a, b = json.loads(one[name]), json.loads(two[name])
+            assert a.pop("timings_s").keys() == b.pop("timings_s").keys()
+            assert a == b, name
+        else:
+            assert one[name] == two[name], name
+    rows = json.loads(one["studies.json"])["studies"]
+    assert [r["out"] for r in rows] == ["a", "b", "a_2"] and all("message" in r for r in rows)
+    assert status[1] == (0 if all(r["reliable"] for r in rows) else 3)

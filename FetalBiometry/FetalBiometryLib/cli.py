@@ -48,7 +48,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
                    help="write a picture per image here: ellipse, axes and values (default: none)")
     p.add_argument("--model", type=Path, help="head segmentation model (default: the shipped one)")
     add_device_option(p)
-    p.set_defaults(run=_measure)
+    p.set_defaults(run=_measure, distributed=True)  # also under torchrun: the images shared out
 
     p = sub.add_parser("train", help="train the head segmentation network on HC18-style data",
                        epilog=examples("deepnav fetal train --data ../shared/data/hc18 --out model/",
@@ -64,7 +64,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="use only the first N images, for quick runs (default: all)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     add_device_option(p)
-    p.set_defaults(run=_train)
+    p.set_defaults(run=_train, distributed=True)  # also under torchrun (deepnav.distributed)
 
     p = sub.add_parser("evaluate", help="HC, Dice and Hausdorff against HC18-style annotations",
                        epilog=examples("deepnav fetal evaluate --data ../shared/data/hc18 --json eval.json"))
@@ -113,6 +113,7 @@ def _measure(args) -> int:
         require_writable_folder(args.overlay, "overlay folder")
 
     segmenter = _segmenter(args)
+    from deepnav import distributed
     from FetalBiometryLib.overlay import write_overlay
     from FetalBiometryLib.pipeline import measure_file
 
@@ -120,7 +121,10 @@ def _measure(args) -> int:
     rows = []
     # inputs from two folders may share a name: each gets its own overlay
     overlay_names = distinct_names([f"{path.stem}_overlay" for path in args.images])
+    mine = set(distributed.shard(range(len(args.images))))  # under torchrun this process's share; else all
     for n, (path, overlay_name) in enumerate(zip(args.images, overlay_names, strict=True)):
+        if n not in mine:
+            continue
         print_progress(n / len(args.images), path.name)
         given, why_none = args.pixel_size, None  # None: the file's own (DICOM)
         if args.pixel_size_csv:
@@ -135,6 +139,9 @@ def _measure(args) -> int:
             row["overlay"] = str(write_overlay(result, args.overlay / f"{overlay_name}.png", row.get("pixel_mm")))
         rows.append(row)
     print_progress(1.0, "done")
+    rows = distributed.gather(rows)  # every process's rows, in the order of the images
+    if not distributed.is_main():  # rank 0 writes the JSON and reports
+        return 0 if any(row["hc_mm"] is not None for row in rows) else NOTHING_MEASURED
     write_json({"images": rows}, args.json)
     measured = sum(row["hc_mm"] is not None for row in rows)
     console.say(f"measured {measured} of {len(rows)} images")
@@ -160,6 +167,8 @@ def _train(args) -> int:
     console.stage(f"training on {len(train_cases)} images, validating on {len(val_cases)} (split by fetus)")
     _, info = training.train(train_cases, val_cases, args.out, config, device=pick_device(args.device),
                              resume=args.resume, metadata={"data": str(args.data), "split": split})
+    if info["model"] is None:  # not rank 0 of a torchrun job: rank 0 writes the model and reports
+        return 0
     b = info["best"]
     scores = f"|HC diff| {b['hc_mae_mm']:.2f} mm, Dice {b['dice']:.4f}" if b.get("dice") else "nothing measurable yet"
     console.say(f"best validation (epoch {b['epoch'] + 1}): {scores}, {b['not_measurable']} not measurable; "

@@ -85,8 +85,12 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
                    '(lesions.json says "reliable": false with the reasons, also printed: e.g. a liver of impossible '
                    "size or extent, liver or lesion HU outside what the phase allows); 2 bad input, nothing written; "
                    "130 cancelled"))
-    p.add_argument("--phase", action="append", required=True, metavar="NAME=PATH[:SERIES_UID]",
+    p.add_argument("--phase", action="append", metavar="NAME=PATH[:SERIES_UID]",
                    help="a phase (plain, arterial, venous, delayed) as an image file or DICOM folder; repeat per phase")
+    p.add_argument("--studies", type=Path, nargs="+", metavar="FOLDER",
+                   help="instead of --phase, many studies: folders holding their phases named after them "
+                        "(arterial.nii.gz, venous/ a DICOM folder, ...), or folders of such folders; each is written "
+                        "to OUT/<its name>, a summary to OUT/studies.json; under torchrun shared out among the processes")
     p.add_argument("--reference", help="phase whose frame the results are in (default: arterial, else venous)")
     p.add_argument("--liver", type=Path, help="a liver mask on the reference phase's grid (default: the model's)")
     p.add_argument("--registration", choices=["pso-powell", "sitk"], default="pso-powell", help=REGISTRATION_HELP)
@@ -97,7 +101,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     add_device_option(p)
     p.add_argument("--out", type=Path, required=True,
                    help="folder for lesions.nii.gz, liver.nii.gz, lesions.json and lesions.csv")
-    p.set_defaults(run=_segment)
+    p.set_defaults(run=_segment, distributed=True)  # --studies also under torchrun (deepnav.distributed)
 
     p = sub.add_parser("evaluate", help="score the model on simulated studies never used in training",
                        epilog=examples("deepnav liver evaluate --cases 8 --json eval.json",
@@ -223,6 +227,14 @@ def _load(args):
 
 def _segment(args) -> int:
     require_writable_folder(args.out)
+    if args.studies:
+        return _segment_studies(args)
+    from deepnav import distributed
+
+    if not args.phase:
+        raise InputError("give a study's phases (--phase NAME=PATH, repeated) or --studies FOLDER...")
+    if distributed.world().active:
+        raise InputError("under torchrun, liver segment shares out --studies; one study (--phase) runs as one process")
     console.stage(f"reading {len(args.phase)} phase(s)")  # the imports below bring torch: seconds
     from deepnav.imaging import read_volume
     from LiverLesionSegLib.pipeline import read_phase, segment_study
@@ -250,6 +262,32 @@ def _segment(args) -> int:
     for key, path in paths.items():
         console.say(f"  {key}: {path}")
     return 0 if result.plausibility.reliable else EXIT_UNRELIABLE
+
+
+def _segment_studies(args) -> int:
+    """`--studies`: each study as `--phase ... --out OUT/<study>` would be; under torchrun each process
+    its share (deepnav.distributed), rank 0 writes OUT/studies.json. Exit status: 2 when no study
+    could be segmented, EXIT_UNRELIABLE when one could not or was judged implausible, else 0."""
+    if args.phase or args.liver:
+        raise InputError("--studies takes each study's phases from its folder: leave out --phase and --liver")
+    from deepnav import distributed
+    from LiverLesionSegLib.batch import find_studies, segment_studies
+
+    studies = find_studies(args.studies)
+    model = _load(args)
+    console.stage(f"segmenting {len(studies)} studies" + (f" ({distributed.world().describe()})"
+                                                          if distributed.world().active else ""))
+    rows = segment_studies(model, studies, args.out, reference=args.reference, registration=args.registration,
+                           progress=print_progress)
+    if distributed.is_main():
+        for row in rows:
+            console.say(f"{row['study']}: {row.get('message') or 'error: ' + row['error']}"
+                        + ("" if row.get("reliable", True) else "  [not reliable]"))
+        write_json({"studies": rows}, args.out / "studies.json")
+        wrote(args.out / "studies.json")
+    if not any(row["out"] for row in rows):
+        return 2
+    return 0 if all(row.get("reliable") for row in rows) else EXIT_UNRELIABLE
 
 
 def _evaluate(args) -> int:
