@@ -8,7 +8,7 @@ import torch
 
 from conftest import oblique_volume
 from deepnav.errors import InputError
-from deepnav.imaging import Volume, grid_like, matrix_to_affine, rotation_matrix
+from deepnav.imaging import Volume, grid_like, matrix_to_affine, resample_to_grid, rotation_matrix
 from MRUSFusionLib import correction
 from MRUSFusionLib.fields import displacement_transform, transform_points
 from MRUSFusionLib.preprocess import registration_region
@@ -82,6 +82,29 @@ def test_correction_recovers_a_known_rigid_move_through_the_transform_it_returns
     assert error.max() < 0.5, error
     assert c.report["start"] == "coarse" and not c.report["flags"]
     assert c.report["mind_ssc_after"] < c.report["mind_ssc_before"]
+
+
+def test_correction_captures_a_25_mm_move_of_a_us_smaller_than_the_mr():
+    """A liver moves 20-25 mm over half a breath. The 'US' here is a 48 mm cube of the 'MR''s
+    tissue (zeros around it, as outside a fan), seen after a 25 mm, 6 degree move; the MR spans
+    90 mm. The global translation search and the fixed image padded by the search's reach bring
+    it back (scored on the MR's points alone, a true 25 mm shift pushed half the cube's points
+    out of the US, and their penalty kept the correction at the start)."""
+    mr = Volume(textured((90, 90, 90), seed=3, blur=2.0), np.ones(3), np.array([-45.0, -45.0, -45.0]), np.eye(3))
+    centre = np.zeros(3)
+    move = rigid_about((4.0, -3.0, 3.0), (16.0, -15.0, 12.0), centre)  # 25 mm at the centre
+    assert 24.0 < np.linalg.norm(move[:3, 3]) < 26.0
+    cube = Volume(np.zeros((48, 48, 48), np.float32), np.ones(3), np.array([-24.0, -24.0, -24.0]), np.eye(3))
+    # the US: the MR's tissue at move^-1(q) for each US point q (tissue at p now lies at move(p))
+    us = resample_to_grid(mr, cube, transform=matrix_to_affine(np.linalg.inv(move)))
+    region = registration_region(mr, us)
+    c = correct_registration(mr, us, region)
+    points = np.array([[-20.0, -15.0, -10.0], [10.0, 5.0, -20.0], [0.0, 0.0, 0.0], [15.0, -10.0, 12.0]])  # MR LPS
+    points = points @ np.linalg.inv(move)[:3, :3].T + np.linalg.inv(move)[:3, 3]  # ... whose tissue the US shows
+    truth = points @ move[:3, :3].T + move[:3, 3]
+    got = transform_points(sitk.CompositeTransform([*c.start_transforms, matrix_to_affine(c.matrix_lps)]), points)
+    assert np.linalg.norm(points - truth, axis=1).min() > 20.0
+    assert np.linalg.norm(got - truth, axis=1).max() < 1.0, np.linalg.norm(got - truth, axis=1)
 
 
 def test_correction_flags_a_wrong_network_answer_and_never_ends_worse_than_its_start():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -55,14 +56,22 @@ class CorrectionSettings:
     mind_dilation: int = 2  # distance of the six neighbours, feature voxels
     grid_points: int = 16  # the discrete search's grid: about this many points along the region (16^3)
     half_width: int = 4  # discrete search range, in grid steps each way (capture = 4 steps = a quarter of the region)
+    search_spacing_mm: float = 4.0  # the global translation search's grid: images averaged to about this
+    search_mind: tuple[int, int] = (1, 1)  # its MIND-SSC radius and dilation, coarse voxels (structures of 4-12 mm:
+    # the fine features averaged to 4 mm put the true shift among the deepest minima in none of four
+    # 25 mm phantom moves; these, computed on the averaged images, in all four)
+    search_range_mm: float = 32.0  # and its reach each way: livers move 20-25 mm over half a breath
+    search_minima: int = 4  # local minima of the translation search passed on as candidates
+    refine_candidates: int = 4  # the best candidates refined (the deepest start is not always the true basin)
     coupling: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # coupled-convex weights, rising
     consistency_voxels: float = 2.0  # forward/backward disagreement above which a point is not used (grid steps)
     trim: float = 0.5  # least-trimmed squares: share of points the fit keeps
     inlier_steps: float = 0.5  # a point is an inlier of the fit when its residual < this many grid steps
-    refine_steps: int = 30  # Adam steps of the rigid refinement
+    refine_steps: int = 60  # Adam steps of the rigid refinement (30 at half the rate left 6-8 mm on 25 mm phantom moves)
     refine_points: int = 4096  # fixed-support voxels the refinement samples
-    refine_lr_mm: float = 0.4  # translation step of the rigid refinement, mm
-    refine_lr_rad: float = 0.006  # rotation step of the rigid refinement, radians
+    refine_reach_mm: float = 16.0  # how far the refinement may move a candidate
+    refine_lr_mm: float = 0.8  # translation step of the rigid refinement, mm
+    refine_lr_rad: float = 0.012  # rotation step of the rigid refinement, radians
     disagreement_mm: float = 5.0  # network and correction disagree above this mean distance (flag)
     min_inlier_share: float = 0.3  # fewer inliers of the robust fit are flagged
     liver_margin_mm: float = 10.0  # with a liver mask, the fixed support is the liver dilated by this
@@ -75,6 +84,12 @@ class CorrectionSettings:
         """The discrete search's grid step in feature voxels, for a region `feature_size` voxels wide:
         the cost of the search is then the same at every spacing."""
         return max(2, int(round(feature_size / self.grid_points)))
+
+    def search(self, spacing_mm: float) -> tuple[int, int]:
+        """The translation search's coarsening factor and half-width (coarse voxels) on features
+        `spacing_mm` apart."""
+        factor = max(1, int(round(self.search_spacing_mm / spacing_mm)))
+        return factor, int(math.ceil(self.search_range_mm / (factor * spacing_mm)))
 
 
 # ---------------------------------------------------------------- MIND-SSC
@@ -246,6 +261,49 @@ def discrete_correspondences(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm:
     return DiscreteResult(pos, target, disagreement[keep] * step)
 
 
+# ---------------------------------------------------------------- global translation search
+
+def _correlate(a: torch.Tensor, b: torch.Tensor, half_width: int) -> torch.Tensor:
+    """sum_x a(x) b(x + s) for every integer shift s in [-h, h]^3, summed over channels
+    ((C, k, j, i) each; returns (2h+1)^3 indexed [dk, dj, di] + h). By FFT with zero padding of h
+    on each axis, so that no shift wraps around."""
+    n = a.shape[1:]
+    size = [m + half_width for m in n]
+    product = torch.fft.rfftn(a, s=size, dim=(1, 2, 3)).conj() * torch.fft.rfftn(b, s=size, dim=(1, 2, 3))
+    full = torch.fft.irfftn(product.sum(0), s=size, dim=(0, 1, 2))
+    index = torch.arange(-half_width, half_width + 1)
+    return full[index][:, index][:, :, index]  # negative shifts sit at the end of the circular result
+
+
+def translation_search(fix_feat, points_mask, mov_feat, mov_mask, factor: int, half_width: int,
+                       outside_cost: float, minima: int = 1) -> list[np.ndarray]:
+    """The shifts, in feature voxels, that minimise the same cost as the scores (`_match_cost`:
+    squared MIND-SSC difference inside the moving support, `outside_cost` outside it) over the
+    fixed points `points_mask`, among all shifts up to `half_width` voxels of a grid `factor`
+    times coarser (every one, by FFT: ~10^4 shifts in a fraction of a second). Rigid
+    misalignments are mostly translation at this scale (6 degrees moves a point 5 mm at 50 mm from
+    the centre), and the discrete search on its 16^3 grid alone loses track of shifts beyond about
+    two of its steps. Returns the `minima` deepest local minima (lowest first) as (3, 4) maps
+    [I | s] on feature voxels: at this coarse scale the deepest is not always the true one."""
+    pool = functools.partial(F.avg_pool3d, kernel_size=factor, stride=factor)
+    weight = pool(points_mask)[0]  # (1, k, j, i) share of each coarse voxel's points
+    fix = (pool(fix_feat * points_mask)[0] / weight.clamp_min(1e-6))
+    inside = pool(mov_mask)[0]
+    mov = pool(mov_feat * mov_mask)[0] / inside.clamp_min(1e-6)
+    h = half_width
+    # sum_x w(x) [m(x+s) |f(x) - g(x+s)|^2 + (1 - m(x+s)) c], expanded into correlations
+    total = (_correlate(weight * (fix**2).sum(0, keepdim=True), inside, h)
+             + _correlate(weight, inside * (mov**2).sum(0, keepdim=True), h)
+             - 2.0 * _correlate(weight * fix, inside * mov, h)
+             + outside_cost * (weight.sum() - _correlate(weight, inside, h)))
+    # local minima: lower than every neighbour in a 5^3 window (replicate: a border is no minimum by padding)
+    lowest = -F.max_pool3d(F.pad(-total[None, None], (2,) * 6, mode="replicate"), 5, stride=1)[0, 0]
+    at = torch.nonzero(total <= lowest)
+    at = at[torch.argsort(total[at[:, 0], at[:, 1], at[:, 2]])][:minima]
+    shifts = (at.flip(1).double().numpy() - h) * factor  # (dk, dj, di) -> (i, j, k)
+    return [np.hstack([np.eye(3), shift[:, None]]) for shift in shifts]
+
+
 # ---------------------------------------------------------------- robust rigid fit
 
 def kabsch(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -384,9 +442,23 @@ def refine_rigid(overlap: Overlap, stack: torch.Tensor, start: np.ndarray, centr
                  settings: CorrectionSettings) -> np.ndarray:
     """Adam on the six rigid parameters (rotation about `centre`, translation in mm) applied
     before `start`, minimising `sampled_distance` of the moving `stack` (features, then support)
-    on a fixed subset of the overlap. Returns the (3, 4) matrix (feature voxels)."""
-    a0 = torch.from_numpy(start).float()
+    on a fixed subset of the overlap.
+    The map moves at most about `settings.refine_reach_mm` from `start`: beyond that the stack
+    is not read (a point sent there costs as one outside the support). Returns the (3, 4) matrix
+    (feature voxels)."""
+    steps = settings.refine_steps
     sample = overlap.subset(settings.refine_points)
+    # a compact copy of the part of the stack the points can reach: the samples' cache misses on
+    # a padded 128^3 x 13 stack cost 3-4x those on the region alone
+    a0 = torch.from_numpy(start).float()
+    reached = sample.points @ a0[:, :3].T + a0[:, 3]
+    margin = math.ceil(settings.refine_reach_mm / spacing_mm) + 1
+    size = torch.tensor(stack.shape[2:][::-1])  # (i, j, k)
+    lo = (reached.min(0).values.floor().long() - margin).clamp(0, None)
+    lo = torch.minimum(lo, size - 2)
+    hi = torch.maximum((reached.max(0).values.ceil().long() + margin + 1).clamp(None, size), lo + 2)
+    near = stack[:, :, lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]].contiguous()
+    a0 = torch.cat([a0[:, :3], (a0[:, 3] - lo)[:, None]], 1)
     rotvec = torch.zeros(3, requires_grad=True)
     shift_mm = torch.zeros(3, requires_grad=True)
 
@@ -399,15 +471,17 @@ def refine_rigid(overlap: Overlap, stack: torch.Tensor, start: np.ndarray, centr
                             {"params": [shift_mm], "lr": settings.refine_lr_mm}])
     # Adam's steps stay near the learning rate whatever the gradient, so its precision is the
     # rate's: a cosine decay to zero lets it settle (0.3-0.6 mm left on real US-US without it)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.refine_steps)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     with _one_thread():  # a few thousand samples a step: a second thread costs more than it brings
-        for _ in range(settings.refine_steps):
+        for _ in range(steps):
             opt.zero_grad()
-            sampled_distance(sample.values, sample.points, stack, matrix(), sample.outside_cost).backward()
+            sampled_distance(sample.values, sample.points, near, matrix(), sample.outside_cost).backward()
             opt.step()
             schedule.step()
     with torch.no_grad():
-        return matrix().double().numpy()
+        out = matrix().double().numpy()
+    out[:, 3] += lo.double().numpy()
+    return out
 
 
 @contextlib.contextmanager
@@ -450,7 +524,7 @@ def robust_fit(fix_feat, mov_feat, fix_mask, mov_mask, spacing_mm: float, settin
 class RigidAnswer:
     start: str  # the start the answer composes with
     matrix_ijk: np.ndarray  # (3, 4) on feature voxels, applied before that start
-    distances: dict[str, float]  # MIND-SSC distance of each start as it lies (shared points)
+    distances: dict[str, float]  # MIND-SSC distance of each start as it lies (on its own points)
     distance_after: float  # of the answer (<= the best start's: never worse)
     fit: RobustFit  # the chosen start's robust fit
     corrected_from: dict[str, float]  # the distance each start's robust fit reached
@@ -458,45 +532,111 @@ class RigidAnswer:
     timings: dict
 
 
-def correct(fix_feat, fix_mask, movings: dict[str, tuple[torch.Tensor, torch.Tensor]], spacing_mm: float,
-            settings: CorrectionSettings = CorrectionSettings()) -> RigidAnswer | None:
+def _coarse_shifts(coarse: Coarse, name: str, pad: int, minima: int) -> list[np.ndarray]:
+    """The translation search's minima for one start, as maps from moving feature voxels to padded
+    fixed feature voxels."""
+    (fix, fix_mask), (mov, mov_mask), f = coarse.fixed, coarse.movings[name], coarse.factor
+    reach = pad // f
+    inner = (slice(None), slice(None)) + (slice(reach, -reach if reach else None),) * 3
+    points = ((mov_mask > 0.99) & (fix_mask[inner] > 0.99)).float()
+    outside = Overlap.build(mov, mov_mask, [(fix[inner], fix_mask[inner])]).outside_cost
+    found = translation_search(F.pad(mov, (reach,) * 6), F.pad(points, (reach,) * 6), fix, fix_mask, 1, reach,
+                               outside, minima)
+    return [_shifted_by(np.hstack([np.eye(3), m[:, 3:] * f]), pad) for m in found]
+
+
+def _inverse(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of a (3, 4) affine map."""
+    inv = np.linalg.inv(matrix[:, :3])
+    return np.column_stack([inv, -inv @ matrix[:, 3]])
+
+
+def _shifted_by(matrix: np.ndarray, offset: float) -> np.ndarray:
+    """The map followed by a shift of `offset` voxels along every axis (into a padded grid)."""
+    return np.column_stack([matrix[:, :3], matrix[:, 3] + offset])
+
+
+@dataclasses.dataclass
+class Coarse:
+    """The images averaged to the translation search's grid, `factor` feature voxels per coarse
+    voxel, with their MIND-SSC: the fixed one padded by the search's reach (`pad` feature voxels
+    = factor * reach coarse voxels), each start's moving one on the region."""
+
+    fixed: tuple[torch.Tensor, torch.Tensor]
+    movings: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    factor: int
+
+
+def correct(fix_padded: tuple[torch.Tensor, torch.Tensor], pad: int, movings: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            spacing_mm: float, settings: CorrectionSettings = CorrectionSettings(), coarse: Coarse | None = None,
+            ) -> RigidAnswer | None:
     """The correction of moving images already resampled on the fixed grid through different
-    starts (`movings`: name -> (features, support)): every start is scored as it lies and after
-    its robust fit, on the same fixed points; the best of these is refined; the answer is kept
-    only if it lowers the distance below the best start's, otherwise that start is returned
-    unchanged. None when no start overlaps the fixed support."""
+    starts (`movings`: name -> (features, support)), against the fixed features and support on
+    that grid padded by `pad` voxels each way (`fix_padded`).
+
+    Scored from the moving side: each start's points are its moving-support voxels inside the
+    fixed support as it lies, and the fixed features are sampled where a map sends them. The moving
+    image (a US fan) is the one with the small support; the fixed one (an MR) is known around it,
+    padded by the search's reach, so a large true shift costs no lost points (scored from the fixed
+    side, a 25 mm shift pushed a third of the fan's points out of the US and the penalty for losing
+    them outweighed the better match). Every start is scored as it lies, after its robust fit and
+    after the global translation search (on `coarse`, when given); the best few are refined; the answer is kept only if
+    its distance is below the best start's, otherwise that start is returned unchanged. None when
+    no start overlaps the fixed support."""
     t0 = time.perf_counter()
-    shared = Overlap.build(fix_feat, fix_mask, list(movings.values()))
-    # each start's features and support as one tensor, built once for all its scores and samples
-    stacks = {name: torch.cat([feat, mask], 1) for name, (feat, mask) in movings.items()}
-    identity = torch.from_numpy(_IDENTITY)
-    distances = {name: shared.distance(stack, identity) for name, stack in stacks.items()}
+    fix_feat_p, fix_mask_p = fix_padded
+    inner = (slice(None), slice(None)) + (slice(pad, -pad if pad else None),) * 3
+    fix_feat, fix_mask = fix_feat_p[inner], fix_mask_p[inner]
+    fixed_stack = torch.cat([fix_feat_p, fix_mask_p], 1)
+    overlaps = {name: Overlap.build(feat, mask, [(fix_feat, fix_mask)]) for name, (feat, mask) in movings.items()}
+    identity = torch.from_numpy(_shifted_by(_IDENTITY, pad))
+
+    def score(name: str, matrix_to_padded: np.ndarray) -> float:
+        return overlaps[name].distance(fixed_stack, torch.from_numpy(matrix_to_padded))
+
+    distances = {name: overlaps[name].distance(fixed_stack, identity) for name in movings}
     usable = [name for name in movings if np.isfinite(distances[name])]
     if not usable:
         return None
-    fits = {}
+    # candidates as maps from moving voxels to padded fixed voxels
+    fits, candidates, corrected_from = {}, [], {}
     for name in usable:
         feat, mask = movings[name]
+        candidates.append((distances[name], name, _shifted_by(_IDENTITY, pad)))
         fits[name] = robust_fit(fix_feat, feat, fix_mask, mask, spacing_mm, settings)
-    corrected_from = {name: shared.distance(stacks[name], torch.from_numpy(fits[name].matrix_ijk)) for name in usable}
+        fitted = _shifted_by(_inverse(fits[name].matrix_ijk), pad)
+        corrected_from[name] = score(name, fitted)
+        candidates.append((corrected_from[name], name, fitted))
+        if coarse is not None:
+            for shift in _coarse_shifts(coarse, name, pad, settings.search_minima):
+                candidates.append((score(name, shift), name, shift))
     t1 = time.perf_counter()
-    candidates = [(distances[n], n, _IDENTITY) for n in usable] + [(corrected_from[n], n, fits[n].matrix_ijk) for n in usable]
     best, start, matrix = min(candidates, key=lambda c: c[0])
-    centre = shared.points.mean(0) if len(shared.points) else torch.zeros(3)
-    refined = refine_rigid(shared, stacks[start], matrix, centre, spacing_mm, settings)
-    refined_distance = shared.distance(stacks[start], torch.from_numpy(refined))
-    if refined_distance < best:
-        best, matrix = refined_distance, refined
+
+    # the few best candidates are each refined: the deepest before refining is not always the true basin
+    for _, name, candidate in sorted(candidates, key=lambda c: c[0])[:settings.refine_candidates]:
+        overlap = overlaps[name]
+        centre = overlap.points.mean(0) if len(overlap.points) else torch.zeros(3)
+        answer = refine_rigid(overlap, fixed_stack, candidate, centre, spacing_mm, settings)
+        distance = score(name, answer)
+        if distance < best:
+            best, start, matrix = distance, name, answer
     t2 = time.perf_counter()
     best_start = min(usable, key=lambda n: distances[n])
     rejected = not best < distances[best_start]
     if rejected:
-        start, matrix, best = best_start, _IDENTITY, distances[best_start]
-    return RigidAnswer(start, matrix, distances, best, fits[start], corrected_from, rejected,
-                      {"discrete": t1 - t0, "refine": t2 - t1})
+        start, matrix, best = best_start, _shifted_by(_IDENTITY, pad), distances[best_start]
+    return RigidAnswer(start, _inverse(_shifted_by(matrix, -pad)), distances, best, fits[start], corrected_from,
+                       rejected, {"discrete": t1 - t0, "refine": t2 - t1})
 
 
 # ---------------------------------------------------------------- on volumes
+
+def padded(region: Volume, voxels: int) -> Volume:
+    """The region grown by `voxels` on every side (same spacing and axes; LPS)."""
+    origin = region.origin - region.direction @ (region.spacing * voxels)
+    return grid_like([n + 2 * voxels for n in region.size_ijk], region.spacing, origin, region.direction)
+
 
 def feature_grid(region: Volume, pool: int) -> Volume:
     """The geometry of the region averaged over pool^3 voxels: feature voxel c is the centre of

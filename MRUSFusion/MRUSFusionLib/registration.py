@@ -232,13 +232,19 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     settings = settings or correction.CorrectionSettings()
     timings = {}
     t0 = time.perf_counter()
-    fixed, fixed_mask = mr_on_region(mr, region, data_only=fixed_is_us)
-    if fixed_is_us:
-        fixed = _despeckled(fixed, fixed_mask, region, settings.us_smoothing_mm)
-    if liver is not None:
-        fixed_mask *= _dilated_mask(liver, region, settings.liver_margin_mm)
     pool = settings.pool(float(region.spacing[0]))
-    fix_feat, fix_mask = correction.features(fixed, fixed_mask, pool, settings)
+    fg = correction.feature_grid(region, pool)
+    factor, reach = settings.search(float(fg.spacing[0]))
+    pad = factor * reach  # feature voxels: the fixed image is scored up to the search's reach around the region
+    around = correction.padded(region, pad * pool)
+    fixed, fixed_mask = mr_on_region(mr, around, data_only=fixed_is_us)
+    if fixed_is_us:
+        fixed = _despeckled(fixed, fixed_mask, around, settings.us_smoothing_mm)
+    if liver is not None:
+        fixed_mask *= _dilated_mask(liver, around, settings.liver_margin_mm)
+    fix_padded = correction.features(fixed, fixed_mask, pool, settings)
+    coarse_settings = dataclasses.replace(settings, mind_radius=settings.search_mind[0], mind_dilation=settings.search_mind[1])
+    coarse = correction.Coarse(correction.features(fixed, fixed_mask, pool * factor, coarse_settings), {}, factor)
     starts = {"coarse": ([initial] if initial is not None else [],
                          linear_to_matrix(initial) if initial is not None else np.eye(4))}
     if network:
@@ -246,10 +252,11 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     moving = {}
     for name, (transforms, _) in starts.items():
         image, mask = us_on_region(us, region, sitk.CompositeTransform(transforms) if transforms else None)
-        moving[name] = correction.features(_despeckled(image, mask, region, settings.us_smoothing_mm), mask, pool, settings)
+        despeckled = _despeckled(image, mask, region, settings.us_smoothing_mm)
+        moving[name] = correction.features(despeckled, mask, pool, settings)
+        coarse.movings[name] = correction.features(despeckled, mask, pool * factor, coarse_settings)
     timings["features"] = time.perf_counter() - t0
-    fg = correction.feature_grid(region, pool)
-    answer = correction.correct(fix_feat, fix_mask, moving, float(fg.spacing[0]), settings)
+    answer = correction.correct(fix_padded, pad, moving, float(fg.spacing[0]), settings, coarse)
     if answer is None:
         raise InputError("the US data and the MR do not overlap in the registration region")
     timings.update(answer.timings)
@@ -258,7 +265,8 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     transforms, linear = starts[start]
     final = sitk.CompositeTransform([*transforms, matrix_to_affine(matrix_lps)])
     warped, _ = us_on_region(us, region, final)
-    disagreement = (_mean_distance(final, sitk.CompositeTransform(network), region, fixed_mask)
+    inner = (slice(pad * pool, -pad * pool if pad else None),) * 3  # the fixed support on the region itself
+    disagreement = (_mean_distance(final, sitk.CompositeTransform(network), region, fixed_mask[inner])
                     if network else float("nan"))
     distance = answer.distances
     report = {
