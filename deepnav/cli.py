@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "device", None) is not None:  # every command's --device, checked before any work
+        # every command's --device, checked before any work; 'auto' and 'cpu' cannot fail, and
+        # checking them would import torch (seconds) before the command has said what it does
+        if (getattr(args, "device", None) or "auto").strip().lower() not in ("auto", "cpu"):
             from deepnav.torch_runtime import pick_device
 
             pick_device(args.device)

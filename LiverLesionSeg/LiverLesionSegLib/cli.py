@@ -81,16 +81,19 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         epilog=examples(
             "deepnav liver segment --phase venous=venous.nii.gz --phase arterial=arterial.nii.gz --out study/",
             "deepnav liver segment --phase venous=dicom/series_folder/ --out study/",
+            "deepnav liver segment --studies patients/ --out results/     # each patients/<study>/ holding its phases",
             before=f"exit status: 0 result written and plausible; {EXIT_UNRELIABLE} result written but implausible "
                    '(lesions.json says "reliable": false with the reasons, also printed: e.g. a liver of impossible '
                    "size or extent, liver or lesion HU outside what the phase allows); 2 bad input, nothing written; "
                    "130 cancelled"))
     p.add_argument("--phase", action="append", metavar="NAME=PATH[:SERIES_UID]",
-                   help="a phase (plain, arterial, venous, delayed) as an image file or DICOM folder; repeat per phase")
+                   help="a phase (plain, arterial, venous, delayed) as an image file or DICOM folder; repeat per phase "
+                        "(required unless --studies is given)")
     p.add_argument("--studies", type=Path, nargs="+", metavar="FOLDER",
                    help="instead of --phase, many studies: folders holding their phases named after them "
                         "(arterial.nii.gz, venous/ a DICOM folder, ...), or folders of such folders; each is written "
-                        "to OUT/<its name>, a summary to OUT/studies.json; under torchrun shared out among the processes")
+                        "to OUT/<its name>, a summary to OUT/studies.json; under torchrun shared out among the processes "
+                        "(default: the one study --phase gives)")
     p.add_argument("--reference", help="phase whose frame the results are in (default: arterial, else venous)")
     p.add_argument("--liver", type=Path, help="a liver mask on the reference phase's grid (default: the model's)")
     p.add_argument("--registration", choices=["pso-powell", "sitk"], default="pso-powell", help=REGISTRATION_HELP)
