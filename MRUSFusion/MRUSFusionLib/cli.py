@@ -252,14 +252,14 @@ def _train(args) -> int:
 
 
 def _register(args) -> int:
+    require_writable_folder(args.out)
+    model = _load(args)  # says so first: the imports below and the model's take seconds
     import SimpleITK as sitk
 
     from deepnav.imaging import read_volume
     from MRUSFusionLib.overlay import write_png
     from MRUSFusionLib.registration import overlay_picture, register
 
-    require_writable_folder(args.out)
-    model = _load(args)
     mr = read_volume(args.mr, what="MR")
     liver = read_volume(args.liver, what="liver mask") if args.liver else None
     initial = None
