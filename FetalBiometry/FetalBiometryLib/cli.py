@@ -177,11 +177,11 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    require_json_target(args.json)
+    segmenter = _segmenter(args)
     from FetalBiometryLib import hc18
     from FetalBiometryLib.evaluation import evaluate, format_table
 
-    require_json_target(args.json)
-    segmenter = _segmenter(args)
     cases = hc18.find_cases(args.data)
     if args.split == "validation":
         split = segmenter.metadata.get("split")

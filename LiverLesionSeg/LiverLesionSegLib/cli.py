@@ -294,10 +294,10 @@ def _segment_studies(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from LiverLesionSegLib.evaluation import evaluate, format_table
-
     require_json_target(args.json)
     model = _load(args)
+    from LiverLesionSegLib.evaluation import evaluate, format_table
+
     console.stage(f"evaluating on {args.cases} simulated studies")
     report = evaluate(model, _abdomen_for_seed(args, 0.25), args.cases, args.seed)
     console.say(format_table(report))

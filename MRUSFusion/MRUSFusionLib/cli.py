@@ -354,10 +354,10 @@ def _serve(args) -> int:
 
 
 def _demo(args) -> int:
-    from MRUSFusionLib.demo import run_demo
-
     require_writable_folder(args.out)
     model = _load(args)
+    from MRUSFusionLib.demo import run_demo
+
     console.stage("live demo")
     report = run_demo(model, args.out, frames=args.frames, rate_hz=args.rate, us_files=args.us, mr_file=args.mr,
                       liver_file=args.liver, correct=args.correct)
@@ -375,10 +375,10 @@ def _demo(args) -> int:
 
 
 def _bench_stream(args) -> int:
-    from MRUSFusionLib.stream_benchmark import format_table, run_benchmark
-
     require_json_target(args.json)
     model = _load(args)
+    from MRUSFusionLib.stream_benchmark import format_table, run_benchmark
+
     console.stage("streaming")
     report = run_benchmark(model, frames=args.frames, rate_hz=args.rate, sizes=args.sizes, correct=args.correct)
     console.say(format_table(report))
@@ -388,10 +388,10 @@ def _bench_stream(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from MRUSFusionLib.evaluation import evaluate, format_table
-
     require_json_target(args.json)
     model = _load(args)
+    from MRUSFusionLib.evaluation import evaluate, format_table
+
     console.stage(f"evaluating on {args.cases} synthetic patients")
     report = evaluate(model, args.cases, args.seed, frames=args.frames, baseline=not args.no_baseline,
                       correct=not args.no_correction)
