@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of several processes started by torchrun
             if not getattr(args, "distributed", False):
                 raise InputError(f"`deepnav {args.module} {getattr(args, 'command', '')}` runs as one process: "
-                                 "start it without torchrun (under torchrun: the train commands)")
+                                 "start it without torchrun (under torchrun: the train commands, fetal measure, "
+                                 "liver segment --studies)")
             from deepnav import distributed
 
             with distributed.session(getattr(args, "device", None) or "auto"):

@@ -227,9 +227,15 @@ def wrap(model: nn.Module, **kwargs) -> nn.Module:
     stage) are left out by DDP."""
     if not _world.active:
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, broadcast_buffers=False, **kwargs)
+    # buffers (batch-norm statistics) are the same on every rank: no broadcast before each forward
+    # (torch >= 2.12 names this forward_sync_buffers; broadcast_buffers before)
+    no_sync_buffers = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else "broadcast_buffers")
+    return DistributedDataParallel(model, **{no_sync_buffers: False}, **kwargs)
 
 
 def no_sync(model: nn.Module):
