@@ -73,6 +73,7 @@ def test_shipped_model_on_a_whole_abdomen_works_within_the_livers_slab():
     assert stop - first < 0.75 * of  # the abdomen below the liver was cut away...
     assert scores["liver_dice"] > 0.9  # ...but not the liver
     assert scores["lesion_dice"] > 0.8 and scores["lesions_correct"] == scores["lesions_predicted"] > 0
+    assert result.plausibility.reliable, result.plausibility.reasons  # a good result is not flagged
 
 
 def test_a_users_model_runs_with_the_localiser_given_on_the_command_line_and_refuses_a_wrong_one(tmp_path):

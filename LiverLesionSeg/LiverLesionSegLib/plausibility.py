@@ -121,7 +121,7 @@ def assess(liver: np.ndarray, lesions: np.ndarray, grid: Volume, phases_hu: dict
             low, high = LESION_HU[phase]
             if not low <= mean <= high:
                 tissue = "fat" if mean < low else "bone or calcium" if phase == "plain" else "bone, calcium or a vessel"
-                lesion_reasons.append(f"lesion {row['lesion']} ({row['volume_ml']:.1f} mL) has a mean of {mean:.0f} HU "
+                lesion_reasons.append(f"lesion {row['lesion']} ({row['volume_ml']:.2f} mL) has a mean of {mean:.0f} HU "
                                       f"in the {phase} phase, outside {low:.0f}..{high:.0f} HU ({tissue}?)")
     reasons += lesion_reasons[:LESIONS_LISTED]
     if len(lesion_reasons) > LESIONS_LISTED:
