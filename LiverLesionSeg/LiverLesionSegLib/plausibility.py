@@ -112,7 +112,7 @@ def assess(liver: np.ndarray, lesions: np.ndarray, grid: Volume, phases_hu: dict
             reasons.append(f"the liver's mean in the {phase} phase is {mean:.0f} HU; a {phase} liver is "
                            f"{low:.0f}-{high:.0f} HU{hint}")
         if share > LIVER_MAX_FAT_OR_BONE:
-            reasons.append(f"{100 * share:.0f}% of the liver found in the {phase} phase is fat (< {FAT_HU:.0f} HU) "
+            reasons.append(f"{100 * share:.1f}% of the liver found in the {phase} phase is fat (< {FAT_HU:.0f} HU) "
                            f"or bone (> {BONE_HU:.0f} HU): it is not all liver")
 
     lesion_reasons = []
