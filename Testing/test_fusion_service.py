@@ -363,3 +363,25 @@ def test_a_correcting_service_sends_the_corrected_result_after_the_network_one(p
     reports = [json.loads(m.string) for m in later]
     assert [r["source_timestamp"] for r in reports if r["stage"] == "corrected"] == [pytest.approx(stamps[1], abs=1e-6)]
     assert all(not r["more_coming"] for r in reports if r["source_timestamp"] == pytest.approx(stamps[0], abs=1e-6))
+
+
+def test_the_second_stage_never_holds_up_the_next_frames_first_result(patient, shipped_model):
+    """The correction (seconds) runs beside the network (a fraction of a second): a frame sent
+    once the previous frame's network result is back gets its own network result before that
+    previous frame's corrected one (one worker for both made it wait for the whole correction)."""
+    processor = FusionProcessor(shipped_model, patient.mr, patient.liver, correct=True)
+    with FusionService(processor, port=0) as service:
+        reader = MessageReader(Connection.connect("127.0.0.1", service.port))
+        try:
+            stamps = (time.time(), time.time() + 1.0)
+            reader.conn.send(us_message(patient, stamps[0]))
+            reader.wait_for(is_report, 60)  # the first frame's network result
+            reader.conn.send(us_message(patient, stamps[1]))
+            reports = []
+            while len([r for r in reports if r["stage"] == "corrected"]) < 2:
+                reports += [json.loads(m.string) for m in reader.wait_for(is_report, 120) if is_report(m)]
+        finally:
+            reader.close()
+    order = [(r["stage"], stamps.index(min(stamps, key=lambda s: abs(s - r["source_timestamp"])))) for r in reports]
+    assert order[0] == ("network", 1), order  # the second frame's network result came first ...
+    assert order.index(("corrected", 0)) > 0 and ("corrected", 1) in order  # ... and both corrections came

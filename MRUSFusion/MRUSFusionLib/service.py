@@ -1,9 +1,12 @@
 """`deepnav fusion serve`: the OpenIGTLink fusion service.
 
 Threads: one accepts connections (or one connects out, `--connect`), one reader per peer turns
-bytes into frames, and one worker registers frames. Between readers and worker sits a
-latest-frame-only mailbox: a frame that arrives while an older one from the same peer is still
-waiting replaces it (and is counted as dropped), so results never lag behind the probe. Each
+bytes into frames, one worker registers frames, and one more runs the slower second stage (the
+correction, with `--correct`) so that it never holds up the next frame's first result. Between
+readers and worker, and between worker and second stage, sits a latest-frame-only mailbox: a frame
+that arrives while an older one from the same peer is still waiting replaces it (and is counted as
+dropped), so results never lag behind the probe. A second stage promised (`more_coming`) but
+replaced before it started does not come; the newer frame's does. Each
 result goes back on the connection the frame came from: the warped US, the rigid TRANSFORM,
 the displacement field, and last a STRING report (its arrival marks the frame complete).
 Nothing a peer sends can stop the service: a bad message is answered with a STATUS (where the
@@ -171,6 +174,7 @@ class FusionService:
         self.clients_refused = 0
         self.stopped = threading.Event()
         self.mailbox = LatestFrameMailbox()
+        self.follow_ups = LatestFrameMailbox()  # (frame, outcome, frame id): second stages to run
         self.frames_processed = 0
         self.errors = 0
         self._sessions: set[Session] = set()
@@ -190,6 +194,7 @@ class FusionService:
         else:
             self._core.append(self._spawn(self._connect_loop, "igtl-connect"))
         self._core.append(self._spawn(self._work_loop, "fusion-worker"))
+        self._core.append(self._spawn(self._follow_up_loop, "fusion-second-stage"))
         return self
 
     def stop(self) -> None:
@@ -228,8 +233,8 @@ class FusionService:
 
     @property
     def alive(self) -> bool:
-        """The accepting (or connecting) thread and the worker are running."""
-        return len(self._core) == 2 and all(t.is_alive() for t in self._core)
+        """The accepting (or connecting) thread and both workers are running."""
+        return len(self._core) == 3 and all(t.is_alive() for t in self._core)
 
     def _spawn(self, target, name: str, *args) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -388,22 +393,30 @@ class FusionService:
             return
         self.frames_processed += 1
         frame_id = self.frames_processed
-        while outcome is not None:
-            # a better result of the same frame follows unless a newer frame is already waiting:
-            # latest-frame-only holds for the second stage as well
-            more = outcome.follow_up is not None and not self.mailbox.waiting(id(frame.session))
-            if not self._send(frame, outcome, frame_id, t_start, more):
-                return
-            if not more:
-                return
+        # a better result of the same frame follows unless a newer frame is already waiting:
+        # latest-frame-only holds for the second stage as well
+        more = outcome.follow_up is not None and not self.mailbox.waiting(id(frame.session))
+        if self._send(frame, outcome, frame_id, t_start, more) and more:
+            self.follow_ups.put(id(frame.session), (frame, outcome, frame_id))
+
+    def _follow_up_loop(self) -> None:
+        """The second stage of frames whose first result has gone, newest per peer."""
+        while not self.stopped.is_set():
+            item = self.follow_ups.take(timeout=0.25)
+            if item is None:
+                continue
+            frame, first, frame_id = item
+            if frame.session.closed:
+                continue
             t_start = time.perf_counter()
             try:
-                outcome = outcome.follow_up()
+                outcome = first.follow_up()
             except Exception as exc:  # the first result stands; say why the second did not come
                 log.exception("follow-up of frame %d failed", frame_id)
-                self._reject(frame.session, f"frame {frame_id}: the {outcome.stage} result is all there is "
+                self._reject(frame.session, f"frame {frame_id}: the {first.stage} result is all there is "
                              f"({type(exc).__name__}: {exc})", frame.device, frame.timestamp, msgs.STATUS_ERROR)
-                return
+                continue
+            self._send(frame, outcome, frame_id, t_start, more=False)
 
     def _send(self, frame: Frame, outcome: Outcome, frame_id: int, t_start: float, more: bool) -> bool:
         """The outcome's messages, then its report; False when the client has gone."""
