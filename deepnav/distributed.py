@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
@@ -86,8 +87,9 @@ def timeout_s() -> float:
 def session(device: str | torch.device = "auto") -> Iterator[World]:
     """Join the torchrun job for the duration of a command (outside torchrun: one process, nothing
     to do), and leave it cleanly however the command ends. The backend follows the device: nccl
-    for a GPU (this process's GPU: cuda:LOCAL_RANK), gloo for the CPU. A collective that fails
-    because a peer is gone, or that waits longer than the timeout, becomes PeerLost."""
+    for a GPU (this process's GPU: cuda:LOCAL_RANK; gloo beside it for CPU tensors), gloo for the
+    CPU. A collective that fails because a peer is gone, or that waits longer than the timeout,
+    becomes PeerLost."""
     global _world
     if not launched_by_torchrun() or dist.is_initialized():
         yield _world
@@ -101,7 +103,9 @@ def session(device: str | torch.device = "auto") -> Iterator[World]:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)  # "cuda" now means this rank's GPU
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()),
+        # with GPUs, nccl for device tensors and gloo for the few CPU ones (scores, objects)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s()),
                                 device_id=torch.device("cuda", local_rank) if backend == "nccl" else None)
     except Exception as exc:  # the rendezvous never completed
         raise PeerLost(f"rank {rank} of {size}: could not join the torchrun job: {_first_line(exc)}") from exc
@@ -116,6 +120,9 @@ def session(device: str | torch.device = "auto") -> Iterator[World]:
         raise
     finally:
         _world = World()
+        # DistributedDataParallel objects left in reference cycles must go before their process
+        # group: one collected after it aborted the process at exit ("terminate called ...")
+        gc.collect()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -187,14 +194,25 @@ def mean_across(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / _world.size for k, v in zip(values, t.tolist(), strict=True)}
 
 
+class _SumAcross(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)  # every rank's loss depends on this rank's part
+        return grad
+
+
 def sum_across(t: torch.Tensor) -> torch.Tensor:
     """t summed over the ranks, differentiably: the backward pass sends each rank the gradient of
-    every rank's loss with respect to its part. One process: t."""
-    if not _world.active:
-        return t
-    import torch.distributed.nn.functional as dist_fn
-
-    return dist_fn.all_reduce(t)
+    every rank's loss with respect to its part (plain synchronous all-reduces both ways; torch's
+    torch.distributed.nn.functional is deprecated). One process: t."""
+    return _SumAcross.apply(t) if _world.active else t
 
 
 class _GatherBatch(torch.autograd.Function):
