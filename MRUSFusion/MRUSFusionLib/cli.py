@@ -220,6 +220,9 @@ def _train(args) -> int:
             raise InputError(f"--synthetic {args.synthetic} leaves no training patient after {args.val_patients} for validation")
         seeds = dataset.training_seeds(args.seed, args.synthetic)
         n_train = len(seeds) - args.val_patients
+        if n_train < distributed.world().size:
+            raise InputError(f"--synthetic {args.synthetic} leaves {n_train} training patients for "
+                             f"{distributed.world().size} processes: each needs at least one")
         # under torchrun each process makes its own share of the patients (none is made twice)
         mine = distributed.shard(seeds[:n_train]) + distributed.shard(seeds[n_train:])
         print_progress(0.0, f"generating {len(mine)} synthetic patients x {args.frames} frames"
