@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "liver segment --studies)")
             from deepnav import distributed
 
-            with distributed.session(getattr(args, "device", None) or "auto"):
+            with distributed.session(getattr(args, "device", None) or "auto") as world:
+                if not world.is_main:  # rank 0 reports; the others say only warnings and errors (--quiet)
+                    args.quiet = True
                 return int(args.run(args) or 0)
         return int(args.run(args) or 0)
     except InputError as exc:
