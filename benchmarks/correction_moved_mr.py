@@ -10,6 +10,10 @@ the same region, from the pair as moved (`benchmarks/convexadam_comparator.py`).
 
     python benchmarks/correction_moved_mr.py --cases 5 --moves 2 --json benchmarks/results/fusion_correction_moved_mr_cpu.json
 
+With `--liver --mm 25`: the same with the liver mask and breathing-sized moves (the capture range).
+
+    python benchmarks/correction_moved_mr.py --cases 5 --moves 2 --liver --mm 25 --json benchmarks/results/fusion_correction_moved_mr_25mm_liver_cpu.json
+
 The held-back real brain pair is judged the same way; this phantom is not evidence about it
 (see the README: MIND-SSC separates the true alignment less well on the phantom than on real
 MR-US data, where the published method reaches 1.7-2.3 mm).
@@ -56,6 +60,9 @@ def main() -> int:
     parser.add_argument("--moves", type=int, default=2)
     parser.add_argument("--degrees", type=float, default=6.0)
     parser.add_argument("--mm", type=float, default=5.0)
+    parser.add_argument("--liver", action="store_true",
+                        help="give the liver mask (moved with the MR), as `fusion register --liver` does for a liver; "
+                             "with --mm 25: the correction's capture range on breathing-sized moves")
     parser.add_argument("--convexadam", action="store_true",
                         help="also run the authors' convexAdam package (CuRIOUS settings) on the same region, "
                              "from the pair as moved (needs 'pip install convexadam nibabel')")
@@ -74,9 +81,10 @@ def main() -> int:
             x, truth = patient.landmarks_lps[use], frame.landmarks_lps[use]
             move = known_move(rng, x.mean(0), args.degrees, args.mm)
             mr = Volume.from_ijk_to_lps(patient.mr.array, move @ patient.mr.ijk_to_lps())  # tissue at p now at move(p)
+            liver = Volume.from_ijk_to_lps(patient.liver.array, move @ patient.liver.ijk_to_lps()) if args.liver else None
             moved = x @ move[:3, :3].T + move[:3, 3]
             t0 = time.perf_counter()
-            result = register(model, mr, frame.image)
+            result = register(model, mr, frame.image, liver=liver)
             register_seconds = time.perf_counter() - t0
             c = result.correction
             row = {"patient_seed": patient_seed, "move": move_index, "landmarks": int(use.sum()),
