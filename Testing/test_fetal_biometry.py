@@ -79,6 +79,31 @@ def test_fused_map_returns_to_the_original_grid_without_shift():
     assert m.hc_mm == pytest.approx(arc_length(HEAD) * 0.1, rel=0.003)
 
 
+def test_mirrored_crops_keep_their_padding_and_undo_themselves():
+    layout = crops.layout_for((540, 800))
+    batch = crops.crops_of(torch.rand(1, 1, *layout.work_hw), layout)
+    h, w = layout.crop_hw
+    flipped = crops.mirrored(batch, layout)
+    assert torch.equal(flipped[..., :h, 0], batch[..., :h, w - 1])  # the crop's own columns swap ends
+    assert not flipped[..., :, w:].any() and not flipped[..., h:, :].any()  # the padding stays right and bottom
+    assert torch.equal(crops.mirrored(flipped, layout), batch)
+
+
+def test_a_mirrored_image_gets_the_mirrored_probability():
+    """With each crop averaged with its mirror image, any network (here one random, lopsided
+    convolution) gives a mirrored image the mirror of the image's head map: no left-right
+    preference is left, and the crops and their mirrors are put back where they came from."""
+    from FetalBiometryLib.segment import HeadSegmenter
+
+    torch.manual_seed(0)
+    segmenter = HeadSegmenter.from_module(torch.nn.Conv2d(1, 1, 7, padding=3))
+    image = np.random.default_rng(1).uniform(0, 255, (270, 400)).astype(np.float32)
+    flipped = image[:, ::-1].copy()
+    np.testing.assert_allclose(segmenter.probability(flipped), segmenter.probability(image)[:, ::-1], atol=1e-5)
+    plain = np.abs(segmenter.probability(flipped, mirror=False) - segmenter.probability(image, mirror=False)[:, ::-1])
+    assert plain.max() > 0.05  # without the mirror the network's lopsidedness shows
+
+
 def test_measurement_of_a_known_head():
     pixel_mm = 0.12
     m = measure(soft_probability(HEAD, (540, 800)), pixel_mm)

@@ -57,6 +57,16 @@ def crops_of(work: torch.Tensor, layout: Layout, canvas_hw: tuple[int, int] = CA
     return out
 
 
+def mirrored(batch: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(N, C, canvas) crops with each crop's image region flipped left-right, the padding left
+    where it is (right and bottom): the network sees a head at the same place on its canvas as
+    in training. Its own inverse, so it also brings a mirrored crop's output back."""
+    w = layout.crop_hw[1]
+    out = batch.clone()
+    out[..., :w] = batch[..., :w].flip(-1)
+    return out
+
+
 def fuse(probabilities: torch.Tensor, layout: Layout) -> torch.Tensor:
     """(4, 1, canvas) crop probabilities -> (work rows, cols) map, averaged where crops overlap."""
     h, w = layout.crop_hw
