@@ -104,6 +104,25 @@ def test_a_mirrored_image_gets_the_mirrored_probability():
     assert plain.max() > 0.05  # without the mirror the network's lopsidedness shows
 
 
+def test_the_ellipse_follows_the_sharp_edge_where_part_of_the_outline_is_blurred():
+    """Where the skull is shadowed the network's edge is blurred and its 0.5 level wanders off;
+    the fit keeps to the sharp part of the outline."""
+    shape, pixel_mm = (540, 800), 0.1
+    sharp = soft_probability(HEAD, shape, edge_px=1.0)
+    # a sixth of the outline (right of the head) blurred and pushed out by 8 px: a shadowed sector
+    bulge = Ellipse(HEAD.cx, HEAD.cy, HEAD.a + 8, HEAD.b + 8, HEAD.angle)
+    y, x = np.mgrid[0:shape[0], 0:shape[1]]
+    sector = np.abs(np.angle((x - HEAD.cx) + 1j * (y - HEAD.cy))) < math.pi / 6
+    probability = np.where(sector, soft_probability(bulge, shape, edge_px=6.0), sharp)
+    fitted = measure(probability, pixel_mm)
+    everything = measure(probability, pixel_mm, edge_sharpness=0.0)
+    truth = arc_length(HEAD) * pixel_mm
+    assert abs(fitted.hc_mm - truth) < 0.3 * abs(everything.hc_mm - truth)
+    assert fitted.hc_mm == pytest.approx(truth, abs=0.5)
+    # on a clean outline the choice changes nothing
+    assert measure(sharp, pixel_mm).hc_mm == pytest.approx(measure(sharp, pixel_mm, edge_sharpness=0.0).hc_mm, abs=0.05)
+
+
 def test_measurement_of_a_known_head():
     pixel_mm = 0.12
     m = measure(soft_probability(HEAD, (540, 800)), pixel_mm)
