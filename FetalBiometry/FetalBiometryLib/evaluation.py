@@ -8,15 +8,14 @@ dilate-minus-mask, Dice and Hausdorff of the fused mask itself) side by side.
 
 from __future__ import annotations
 
-import platform
 import time
 
 import numpy as np
-import torch
 from scipy.spatial import cKDTree
 from skimage.measure import find_contours
 
 from deepnav.statistics import spread
+from deepnav.torch_runtime import machine_description
 from FetalBiometryLib.hc18 import Case, reference_ellipse
 from FetalBiometryLib.image_io import read_image_2d
 from FetalBiometryLib.pipeline import measure_image
@@ -83,8 +82,7 @@ def evaluate(segmenter: HeadSegmenter, cases: list[Case], progress=None) -> dict
         if progress:
             progress((n + 1) / len(cases), f"{case.image.name}")
     return {"summary": summarise(rows), "rows": rows,
-            "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                        "device": str(segmenter.device)}}
+            "machine": machine_description() | {"device": str(segmenter.device)}}
 
 
 def format_table(summary: dict) -> str:
