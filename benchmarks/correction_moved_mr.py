@@ -12,7 +12,8 @@ the same region, from the pair as moved (`benchmarks/convexadam_comparator.py`).
 
 With `--liver --mm 25`: the same with the liver mask and breathing-sized moves (the capture range).
 
-    python benchmarks/correction_moved_mr.py --cases 5 --moves 2 --liver --mm 25 --json benchmarks/results/fusion_correction_moved_mr_25mm_liver_cpu.json
+    python benchmarks/correction_moved_mr.py --cases 5 --moves 2 --liver --mm 25 \
+        --json benchmarks/results/fusion_correction_moved_mr_25mm_liver_cpu.json
 
 The held-back real brain pair is judged the same way; this phantom is not evidence about it
 (see the README: MIND-SSC separates the true alignment less well on the phantom than on real
