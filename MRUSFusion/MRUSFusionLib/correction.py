@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import math
 import time
@@ -275,32 +274,27 @@ def _correlate(a: torch.Tensor, b: torch.Tensor, half_width: int) -> torch.Tenso
     return full[index][:, index][:, :, index]  # negative shifts sit at the end of the circular result
 
 
-def translation_search(fix_feat, points_mask, mov_feat, mov_mask, factor: int, half_width: int,
-                       outside_cost: float, minima: int = 1) -> list[np.ndarray]:
-    """The shifts, in feature voxels, that minimise the same cost as the scores (`_match_cost`:
-    squared MIND-SSC difference inside the moving support, `outside_cost` outside it) over the
-    fixed points `points_mask`, among all shifts up to `half_width` voxels of a grid `factor`
-    times coarser (every one, by FFT: ~10^4 shifts in a fraction of a second). Rigid
-    misalignments are mostly translation at this scale (6 degrees moves a point 5 mm at 50 mm from
-    the centre), and the discrete search on its 16^3 grid alone loses track of shifts beyond about
-    two of its steps. Returns the `minima` deepest local minima (lowest first) as (3, 4) maps
-    [I | s] on feature voxels: at this coarse scale the deepest is not always the true one."""
-    pool = functools.partial(F.avg_pool3d, kernel_size=factor, stride=factor)
-    weight = pool(points_mask)[0]  # (1, k, j, i) share of each coarse voxel's points
-    fix = (pool(fix_feat * points_mask)[0] / weight.clamp_min(1e-6))
-    inside = pool(mov_mask)[0]
-    mov = pool(mov_feat * mov_mask)[0] / inside.clamp_min(1e-6)
-    h = half_width
+def translation_search(fix_feat, points_mask, mov_feat, mov_mask, half_width: int, outside_cost: float,
+                       minima: int = 1) -> list[np.ndarray]:
+    """The shifts, in voxels of the grid the images are given on, that minimise the same cost as
+    the scores (`_match_cost`: squared MIND-SSC difference inside the moving support,
+    `outside_cost` outside it) over the fixed points `points_mask`, among all shifts up to
+    `half_width` voxels (every one, by FFT: ~10^4 shifts in a fraction of a second). Rigid
+    misalignments are mostly translation at a coarse scale (6 degrees moves a point 5 mm at 50 mm
+    from the centre), and the discrete search on its 16^3 grid alone loses track of shifts beyond
+    about two of its steps. Returns the `minima` deepest local minima (lowest first) as (3, 4) maps
+    [I | s]: at a coarse scale the deepest is not always the true one."""
+    w, f, m, g, h = points_mask[0], fix_feat[0], mov_mask[0], mov_feat[0], half_width
     # sum_x w(x) [m(x+s) |f(x) - g(x+s)|^2 + (1 - m(x+s)) c], expanded into correlations
-    total = (_correlate(weight * (fix**2).sum(0, keepdim=True), inside, h)
-             + _correlate(weight, inside * (mov**2).sum(0, keepdim=True), h)
-             - 2.0 * _correlate(weight * fix, inside * mov, h)
-             + outside_cost * (weight.sum() - _correlate(weight, inside, h)))
+    total = (_correlate(w * (f**2).sum(0, keepdim=True), m, h)
+             + _correlate(w, m * (g**2).sum(0, keepdim=True), h)
+             - 2.0 * _correlate(w * f, m * g, h)
+             + outside_cost * (w.sum() - _correlate(w, m, h)))
     # local minima: lower than every neighbour in a 5^3 window (replicate: a border is no minimum by padding)
     lowest = -F.max_pool3d(F.pad(-total[None, None], (2,) * 6, mode="replicate"), 5, stride=1)[0, 0]
     at = torch.nonzero(total <= lowest)
     at = at[torch.argsort(total[at[:, 0], at[:, 1], at[:, 2]])][:minima]
-    shifts = (at.flip(1).double().numpy() - h) * factor  # (dk, dj, di) -> (i, j, k)
+    shifts = at.flip(1).double().numpy() - h  # (dk, dj, di) -> (i, j, k)
     return [np.hstack([np.eye(3), shift[:, None]]) for shift in shifts]
 
 
@@ -539,12 +533,17 @@ def _coarse_shifts(coarse: Coarse, name: str, pad: int, minima: int) -> list[np.
     fixed feature voxels."""
     (fix, fix_mask), (mov, mov_mask), f = coarse.fixed, coarse.movings[name], coarse.factor
     reach = pad // f
-    inner = (slice(None), slice(None)) + (slice(reach, -reach if reach else None),) * 3
-    points = ((mov_mask > 0.99) & (fix_mask[inner] > 0.99)).float()
-    outside = Overlap.build(mov, mov_mask, [(fix[inner], fix_mask[inner])]).outside_cost
-    found = translation_search(F.pad(mov, (reach,) * 6), F.pad(points, (reach,) * 6), fix, fix_mask, 1, reach,
+    points = ((mov_mask > 0.99) & (unpadded(fix_mask, reach) > 0.99)).float()
+    outside = Overlap.build(mov, mov_mask, [(unpadded(fix, reach), unpadded(fix_mask, reach))]).outside_cost
+    found = translation_search(F.pad(mov, (reach,) * 6), F.pad(points, (reach,) * 6), fix, fix_mask, reach,
                                outside, minima)
     return [_shifted_by(np.hstack([np.eye(3), m[:, 3:] * f]), pad) for m in found]
+
+
+def unpadded(array, pad: int):
+    """An image (torch or numpy, the last three axes spatial) without `pad` voxels on every side."""
+    inner = slice(pad, -pad if pad else None)
+    return array[..., inner, inner, inner]
 
 
 def _inverse(matrix: np.ndarray) -> np.ndarray:
@@ -587,16 +586,15 @@ def correct(fix_padded: tuple[torch.Tensor, torch.Tensor], pad: int, movings: di
     no start overlaps the fixed support."""
     t0 = time.perf_counter()
     fix_feat_p, fix_mask_p = fix_padded
-    inner = (slice(None), slice(None)) + (slice(pad, -pad if pad else None),) * 3
-    fix_feat, fix_mask = fix_feat_p[inner], fix_mask_p[inner]
+    fix_feat, fix_mask = unpadded(fix_feat_p, pad), unpadded(fix_mask_p, pad)
     fixed_stack = torch.cat([fix_feat_p, fix_mask_p], 1)
     overlaps = {name: Overlap.build(feat, mask, [(fix_feat, fix_mask)]) for name, (feat, mask) in movings.items()}
-    identity = torch.from_numpy(_shifted_by(_IDENTITY, pad))
+    as_it_lies = _shifted_by(_IDENTITY, pad)  # a moving voxel -> the same place in the padded fixed grid
 
     def score(name: str, matrix_to_padded: np.ndarray) -> float:
         return overlaps[name].distance(fixed_stack, torch.from_numpy(matrix_to_padded))
 
-    distances = {name: overlaps[name].distance(fixed_stack, identity) for name in movings}
+    distances = {name: score(name, as_it_lies) for name in movings}
     usable = [name for name in movings if np.isfinite(distances[name])]
     if not usable:
         return None
@@ -604,7 +602,7 @@ def correct(fix_padded: tuple[torch.Tensor, torch.Tensor], pad: int, movings: di
     fits, candidates, corrected_from = {}, [], {}
     for name in usable:
         feat, mask = movings[name]
-        candidates.append((distances[name], name, _shifted_by(_IDENTITY, pad)))
+        candidates.append((distances[name], name, as_it_lies))
         fits[name] = robust_fit(fix_feat, feat, fix_mask, mask, spacing_mm, settings)
         fitted = _shifted_by(_inverse(fits[name].matrix_ijk), pad)
         corrected_from[name] = score(name, fitted)
@@ -635,7 +633,7 @@ def correct(fix_padded: tuple[torch.Tensor, torch.Tensor], pad: int, movings: di
     best_start = min(usable, key=lambda n: distances[n])
     rejected = not best < distances[best_start]
     if rejected:
-        start, matrix, best = best_start, _shifted_by(_IDENTITY, pad), distances[best_start]
+        start, matrix, best = best_start, as_it_lies, distances[best_start]
     return RigidAnswer(start, _inverse(_shifted_by(matrix, -pad)), distances, best, fits[start], corrected_from,
                        rejected, {"discrete": t1 - t0, "refine": t2 - t1})
 

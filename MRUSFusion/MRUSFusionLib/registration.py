@@ -265,8 +265,7 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     transforms, linear = starts[start]
     final = sitk.CompositeTransform([*transforms, matrix_to_affine(matrix_lps)])
     warped, _ = us_on_region(us, region, final)
-    inner = (slice(pad * pool, -pad * pool if pad else None),) * 3  # the fixed support on the region itself
-    disagreement = (_mean_distance(final, sitk.CompositeTransform(network), region, fixed_mask[inner])
+    disagreement = (_mean_distance(final, sitk.CompositeTransform(network), region, correction.unpadded(fixed_mask, pad * pool))
                     if network else float("nan"))
     distance = answer.distances
     report = {
