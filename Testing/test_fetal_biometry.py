@@ -270,6 +270,81 @@ def test_training_runs_resumes_and_records_its_split(tmp_path):
     assert loaded.probability(np.zeros((540, 800), np.float32)).shape == (540, 800)
 
 
+def test_warm_restarts_cycle_the_learning_rate_from_full_to_nothing():
+    from FetalBiometryLib.training import cosine_factor
+
+    total = 300
+    one = [cosine_factor(s, total) for s in range(total)]
+    assert one[0] == 1.0 and one[150] == pytest.approx(0.5) and one[-1] < 1e-3  # the single cosine, as before
+    assert np.all(np.diff(one) <= 0)
+    three = [cosine_factor(s, total, 3) for s in range(total)]
+    assert [three[s] for s in (0, 100, 200)] == [1.0, 1.0, 1.0]  # each cycle restarts at the full rate
+    assert max(three[99], three[199], three[299]) < 1e-3 and three[50] == pytest.approx(0.5)
+    assert cosine_factor(total, total, 3) == 0.0
+
+
+def test_the_boundary_term_weighs_an_error_at_the_edge_more_than_one_inside():
+    from FetalBiometryLib.training import boundary_band, loss_fn
+
+    y, x = np.mgrid[0:64, 0:64]
+    target = torch.from_numpy(((x - 32) ** 2 + (y - 32) ** 2 < 20 ** 2).astype(np.float32))[None, None]
+    band = boundary_band(target, 3)
+    distance = np.abs(np.hypot(x - 32, y - 32) - 20)
+    assert band[0, 0][torch.from_numpy(distance < 1.5)].min() == 1  # along the edge
+    assert band[0, 0][torch.from_numpy(distance > 5)].max() == 0  # deep inside and far out
+    logits = (target * 2 - 1) * 6
+    at_edge, inside = logits.clone(), logits.clone()
+    ring = torch.from_numpy((distance < 1.0) & (np.hypot(x - 32, y - 32) < 20))[None, None]
+    at_edge[ring] = -6  # the same number of wrong pixels, on the edge's inner side ...
+    middle = np.flatnonzero(np.hypot(x - 32, y - 32) < 12)[: int(ring.sum())]
+    deep = torch.zeros(64 * 64, dtype=torch.bool)
+    deep[middle] = True
+    deep = deep.view(1, 1, 64, 64)
+    inside[deep] = -6  # ... or in the middle
+    assert int(ring.sum()) == int(deep.sum()) > 50
+    plain = loss_fn(at_edge, target) / loss_fn(inside, target)
+    weighted = loss_fn(at_edge, target, 3.0, 3) / loss_fn(inside, target, 3.0, 3)
+    assert plain == pytest.approx(1.0, rel=0.05) and weighted > 1.5 * plain
+
+
+def test_fine_tuning_starts_from_a_model_keeps_the_last_epoch_and_saves_each_cycle(tmp_path):
+    from FetalBiometryLib.network import HeadNet
+    from FetalBiometryLib.segment import HeadSegmenter, save
+    from FetalBiometryLib.training import TrainConfig, train
+
+    write_hc18_like(tmp_path / "data", 6, np.random.default_rng(7))
+    train_cases, val_cases = split_by_subject(find_cases(tmp_path / "data"), 0.34, seed=0)
+    torch.manual_seed(3)
+    start = save(HeadNet(4).eval(), tmp_path / "start.pt")
+    config = TrainConfig(epochs=2, batch=2, width=4, lr=0.0, init=str(start), restarts=2, val_every=0, keep="last",
+                         boundary_weight=2.0)
+    _, info = train(train_cases, val_cases, tmp_path / "run", config, progress=lambda *a: None)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1] and not any("hc_mae_mm" in h for h in history)  # never validated
+    assert info["best"]["epoch"] == 1  # the last epoch, not a choice made on the validation images
+    started = HeadSegmenter.load(start, "cpu").module.state_dict()
+    for name in ("cycle1.pt", "cycle2.pt", "model.pt"):
+        weights = HeadSegmenter.load(tmp_path / "run" / name, "cpu").module.state_dict()
+        # learning rate 0: the convolutions are the starting model's (batch-norm statistics move)
+        assert all(torch.equal(weights[k], started[k]) for k in weights if k.endswith("0.weight"))
+
+
+def test_an_ensemble_is_one_model_file_giving_the_mean_probability(tmp_path):
+    from FetalBiometryLib.network import HeadEnsemble, HeadNet
+    from FetalBiometryLib.segment import HeadSegmenter, save
+
+    torch.manual_seed(4)
+    nets = [HeadNet(4).eval(), HeadNet(4).eval()]
+    path = save(HeadEnsemble(nets), tmp_path / "ensemble.pt", {"split": {"validation_subjects": ["1"]}})
+    loaded = HeadSegmenter.load(path, "cpu")
+    x = torch.rand(2, 1, 176, 256)
+    with torch.no_grad():
+        expected = (torch.sigmoid(nets[0](x)) + torch.sigmoid(nets[1](x))) / 2
+        got = torch.sigmoid(loaded.module(x))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert loaded.probability(np.zeros((540, 800), np.float32)).shape == (540, 800)
+
+
 def _caption(picture: np.ndarray, image_rows: int) -> np.ndarray:
     return picture[image_rows:]
 

@@ -59,6 +59,17 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     config_option(p, "--batch", TRAIN_CONFIG, type=int, help="images per step")
     config_option(p, "--lr", TRAIN_CONFIG, type=float, help="learning rate")
     config_option(p, "--width", TRAIN_CONFIG, type=int, help="network width (channels of the first layer)")
+    config_option(p, "--init", TRAIN_CONFIG, type=str, metavar="MODEL",
+                  help="start from this model's weights (a model file, e.g. the shipped one; fine-tuning)")
+    config_option(p, "--restarts", TRAIN_CONFIG, type=int,
+                  help="cosine learning-rate cycles over the epochs (warm restarts; each cycle's end saved as cycle<k>.pt)")
+    config_option(p, "--boundary-weight", TRAIN_CONFIG, type=float,
+                  help="extra cross-entropy weight within --boundary-px working pixels of the head's edge")
+    config_option(p, "--boundary-px", TRAIN_CONFIG, type=int, help="half-width of that band")
+    config_option(p, "--val-every", TRAIN_CONFIG, type=int,
+                  help="validate every N epochs (0: never; the last epoch is kept)")
+    config_option(p, "--keep", TRAIN_CONFIG, choices=("best", "last"),
+                  help="which weights become the model: best on the validation images, or the last epoch's")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of fetuses kept for validation")
     p.add_argument("--seed", type=int, default=0, help="random seed (split, initialisation, augmentation)")
     p.add_argument("--limit", type=int, help="use only the first N images, for quick runs (default: all)")
@@ -157,7 +168,8 @@ def _train(args) -> int:
 
     configure_threads()
     config = training.TrainConfig(seed=args.seed)
-    for name in ("epochs", "batch", "lr", "width"):
+    for name in ("epochs", "batch", "lr", "width", "init", "restarts", "boundary_weight", "boundary_px", "val_every",
+                 "keep"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     cases = hc18.find_cases(args.data)[: args.limit] if args.limit else hc18.find_cases(args.data)
@@ -171,8 +183,11 @@ def _train(args) -> int:
         return 0
     b = info["best"]
     scores = f"|HC diff| {b['hc_mae_mm']:.2f} mm, Dice {b['dice']:.4f}" if b.get("dice") else "nothing measurable yet"
-    console.say(f"best validation (epoch {b['epoch'] + 1}): {scores}, {b['not_measurable']} not measurable; "
-                f"wrote {info['model']}")
+    if "not_measurable" not in b:  # never validated (--val-every 0)
+        console.say(f"kept epoch {b['epoch'] + 1} (not validated); wrote {info['model']}")
+        return 0
+    console.say(f"{'best' if config.keep == 'best' else 'last'} validation (epoch {b['epoch'] + 1}): {scores}, "
+                f"{b['not_measurable']} not measurable; wrote {info['model']}")
     return 0
 
 

@@ -56,3 +56,18 @@ class HeadNet(nn.Module):
         deep = F.interpolate(deep, size=low.shape[2:], mode="bilinear", align_corners=False)
         logits = self.decode(torch.cat([deep, self.low(low)], dim=1))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class HeadEnsemble(nn.Module):
+    """Several head networks as one: the mean of their probabilities, returned as a logit (the
+    segmenter takes the sigmoid of whatever the model file gives), so an ensemble is saved, loaded
+    and run as one model file of the same format. Costs each member's time."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.width = int(getattr(members[0], "width", 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(dim=0)
+        return torch.logit(p, eps=1e-6)

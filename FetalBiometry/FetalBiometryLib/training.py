@@ -13,7 +13,13 @@
   decay: from scratch it converges much faster than the spec's fine-tuning SGD.
 - Every epoch runs the full inference path on the validation images (four crops, fusion,
   ellipse) and keeps the weights with the lowest mean absolute HC difference. A checkpoint is
-  written each epoch; `resume` continues from it.
+  written each epoch; `resume` continues from it. `keep="last"` keeps the last epoch instead and
+  `val_every=0` never validates, so that no choice rests on the validation images.
+- Fine-tuning: `init` starts from a model file's weights (fresh optimiser); `restarts` > 1 splits
+  the epochs into that many cosine cycles (warm restarts, SGDR), each cycle's last weights saved as
+  a model (`cycle<k>.pt`, a snapshot ensemble's members); `boundary_weight` adds that much extra
+  binary cross-entropy weight within `boundary_px` working pixels of the target's edge, the band
+  where the HC is decided (the rest of the image is easy once the head is found).
 - Under torchrun (deepnav.distributed), `batch` is per process: every rank draws the same global
   batch of N * batch crops (the draws and augmentation are cheap 2D work on the CPU, and drawing
   them all keeps the random streams those of one process) and trains on its own slice of it; the
@@ -59,7 +65,12 @@ class TrainConfig:
     corner_probability: float = 0.75
     rotation_deg: float = 20.0
     scale_jitter: float = 0.12
-    val_every: int = 1
+    val_every: int = 1  # 0: never (keep is then "last")
+    keep: str = "best"  # "best": the lowest validation score; "last": the last epoch
+    restarts: int = 1  # cosine cycles over the epochs (warm restarts)
+    boundary_weight: float = 0.0  # extra cross-entropy weight near the target's edge
+    boundary_px: int = 3
+    init: str | None = None  # a model file whose weights training starts from
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,12 +131,42 @@ def augment(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, rng: np.rando
     return x, y
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+def boundary_band(target: torch.Tensor, radius: int) -> torch.Tensor:
+    """1 within `radius` pixels (chessboard) of the edge of the target's 0.5 region, else 0."""
+    inside = (target > 0.5).float()
+    k = 2 * radius + 1
+    grown = F.max_pool2d(inside, k, stride=1, padding=radius)
+    shrunk = -F.max_pool2d(-inside, k, stride=1, padding=radius)
+    return grown - shrunk
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, boundary_weight: float = 0.0, boundary_px: int = 3) -> torch.Tensor:
+    if boundary_weight > 0:
+        weight = 1 + boundary_weight * boundary_band(target, boundary_px)
+        bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
+    else:
+        bce = F.binary_cross_entropy_with_logits(logits, target)
     p = torch.sigmoid(logits)
     inter = (p * target).sum(dim=(1, 2, 3))
     dice = 1 - (2 * inter + 1) / (p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
     return bce + dice.mean()
+
+
+def cosine_factor(step: int, total: int, cycles: int = 1) -> float:
+    """Learning-rate factor: cosine from 1 to 0 over each of `cycles` equal cycles of `total` steps."""
+    if step >= total:
+        return 0.0
+    length = total / max(cycles, 1)
+    return 0.5 * (1 + math.cos(math.pi * (step % length) / length))
+
+
+def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a saved head model (TorchScript archive, as shipped) or a state dict (best.pt)."""
+    try:
+        return {k: v.float() if v.is_floating_point() else v
+                for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config: TrainConfig, *,
@@ -136,13 +177,18 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
     progress = progress if world.is_main else silent
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = seed_everything(config.seed)
-    model = distributed.global_batch_norm(HeadNet(config.width), world.active).to(device)
+    net = HeadNet(config.width)
+    if config.init:
+        net.load_state_dict(initial_weights(config.init))
+    model = distributed.global_batch_norm(net, world.active).to(device)
     optimiser = adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
     global_config = dataclasses.replace(config, batch=config.batch * world.size)  # what every rank draws
     mine = slice(world.rank * config.batch, (world.rank + 1) * config.batch)  # and trains on
     steps = max(1, len(train_cases) // global_config.batch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / (config.epochs * steps), 1.0))))
+    total = config.epochs * steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: cosine_factor(step, total, config.restarts))
+    cycle_epochs = {round(config.epochs * (k + 1) / max(config.restarts, 1)) - 1: k + 1
+                    for k in range(max(config.restarts, 1))} if config.restarts > 1 else {}
     history, start, best = [], 0, {"score": float("inf")}
     checkpoint = out_dir / "checkpoint.pt"
     state = distributed.from_main(lambda: torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -165,7 +211,7 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
             if cancel is not None:
                 cancel.raise_if_cancelled()
             x, y = sample_batch(data, global_config, rng)
-            loss = loss_fn(trained(x[mine].to(device)), y[mine].to(device))
+            loss = loss_fn(trained(x[mine].to(device)), y[mine].to(device), config.boundary_weight, config.boundary_px)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -173,7 +219,8 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
             losses.append(loss.item())
         row = {"epoch": epoch, **distributed.mean_across({"loss": float(np.mean(losses))}),
                "train_s": time.perf_counter() - t0}
-        if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
+        validate = config.val_every > 0 and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs)
+        if validate:
             model.eval()
             segmenter = segment.HeadSegmenter.from_module(model, device)
             # each rank scores its share of the images; the rows merged in order, as one process makes them
@@ -186,13 +233,22 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
             measured = summary["measured"]
             row["score"] = ((row["hc_mae_mm"] or 0.0) * measured + UNMEASURED_PENALTY_MM * row["not_measurable"]) / \
                 max(summary["images"], 1)
-            if row["score"] < best["score"] or not (out_dir / "best.pt").is_file():
-                best = dict(row)
-                if world.is_main:
-                    torch.save(model.state_dict(), out_dir / "best.pt")
+        if config.keep == "last" or not config.val_every:
+            keep = epoch + 1 == config.epochs
+        else:
+            keep = validate and (row["score"] < best["score"] or not (out_dir / "best.pt").is_file())
+        if keep:
+            best = dict(row)
+            if world.is_main:
+                torch.save(model.state_dict(), out_dir / "best.pt")
         history.append(row)
         if not world.is_main:
             continue
+        if epoch in cycle_epochs:  # the end of a cosine cycle: a snapshot, as a model file
+            distributed.global_batch_norm(model, on=False)
+            segment.save(model, out_dir / f"cycle{cycle_epochs[epoch]}.pt",
+                         {**(metadata or {}), "config": config.to_json(), "epoch": epoch})
+            distributed.global_batch_norm(model, world.active).to(device)  # saving left it on the CPU
         tmp = out_dir / ".partial-checkpoint.pt"
         torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history,
@@ -200,6 +256,7 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
         tmp.replace(checkpoint)
         (out_dir / "history.json").write_text(json.dumps(history, indent=2))
         scores = f", validation |HC diff| {row['hc_mae_mm']:.2f} mm, Dice {row['dice']:.4f}" if row.get("dice") else ""
+        scores += f", lr {schedule.get_last_lr()[0]:.2g}"
         progress((epoch + 1) / config.epochs,
                  f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}{scores} ({row['train_s']:.0f} s)")
     distributed.global_batch_norm(model, on=False)  # plain BatchNorm2d again (scripting, other users)
