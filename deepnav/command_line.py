@@ -84,6 +84,11 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="where torch computes: auto (a GPU when there is one, else the CPU), cpu, cuda, "
                              "cuda:N (gpu means cuda)")
+    # the names are deepnav.torch_runtime.PRECISIONS (not imported: torch's import costs seconds)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="the networks' arithmetic: fp32, or bf16 automatic mixed precision (meant for GPUs "
+                             "with bf16 tensor cores; on the CPU measured it was no faster: see the README); "
+                             "geometry stays fp32")
 
 
 def examples(*lines: str, before: str = "") -> str:

@@ -271,6 +271,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and _world.active):
             return super().forward(x)
+        x = x.float()  # statistics in fp32 under bf16 autocast too, as BatchNorm2d's own kernel keeps them
         dims = [0, 2, 3]
         count = sum_across(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device))
         mean = sum_across(x.sum(dims)) / count

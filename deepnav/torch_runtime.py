@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -13,6 +14,7 @@ import torch
 from deepnav.errors import InputError
 
 DEVICE_CHOICES = "auto, cpu, cuda (or gpu, TotalSegmentator's spelling), cuda:N"
+PRECISIONS = ("fp32", "bf16")  # every command's --precision (deepnav.command_line.add_device_option)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -32,6 +34,26 @@ def pick_device(requested: str = "auto") -> torch.device:
         if index and int(index) >= torch.cuda.device_count():
             raise InputError(f"device {requested!r}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
     return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The context a network's forward runs in, for every module's --precision: 'bf16' is torch's
+    automatic mixed precision in bfloat16 (convolutions and matrix products in bf16, reductions and
+    normalisations kept in fp32 by torch's own lists), on the GPU or the CPU; 'fp32' is nothing.
+    Only the networks run in it: what they feed (warps, fields, losses, probabilities, contours)
+    takes their outputs back to fp32 (`forward_in`), so geometry is never computed in bf16."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise InputError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def forward_in(precision: str, module, *inputs: torch.Tensor) -> torch.Tensor:
+    """module(*inputs) with its forward in `precision`, the output in fp32."""
+    with autocast(precision, inputs[0].device):
+        out = module(*inputs)
+    return out.float()
 
 
 def configure_threads() -> int:

@@ -90,12 +90,12 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 def _segmenter(args):
     # said before torch is imported and the model read: the command's first seconds
-    console.stage(f"loading the model ({args.model or 'shipped'}, device {args.device})")
+    console.stage(f"loading the model ({args.model or 'shipped'}, device {args.device}, {args.precision})")
     from deepnav.torch_runtime import configure_threads, describe_device
     from FetalBiometryLib.segment import HeadSegmenter
 
     configure_threads()
-    segmenter = HeadSegmenter.load(args.model, args.device)
+    segmenter = HeadSegmenter.load(args.model, args.device, args.precision)
     print_progress(1.0, f"{segmenter.path.name} on {describe_device(segmenter.device)}")
     return segmenter
 
@@ -178,7 +178,8 @@ def _train(args) -> int:
              "validation_images": len(val_cases), "validation_subjects": sorted({c.subject for c in val_cases})}
     console.stage(f"training on {len(train_cases)} images, validating on {len(val_cases)} (split by fetus)")
     _, info = training.train(train_cases, val_cases, args.out, config, device=pick_device(args.device),
-                             resume=args.resume, metadata={"data": str(args.data), "split": split})
+                             resume=args.resume, metadata={"data": str(args.data), "split": split},
+                             precision=args.precision)
     if info["model"] is None:  # not rank 0 of a torchrun job: rank 0 writes the model and reports
         return 0
     b = info["best"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from deepnav import model_files
-from deepnav.torch_runtime import pick_device
+from deepnav.torch_runtime import forward_in, pick_device
 from FetalBiometryLib import crops
 from FetalBiometryLib.network import HeadNet
 
@@ -32,23 +32,27 @@ def record(width: int, extra: dict | None = None) -> dict:
 
 
 class HeadSegmenter:
-    def __init__(self, module, metadata: dict, device: torch.device, path: Path | None = None):
-        self.module, self.metadata, self.device, self.path = module, metadata, device, path
+    """The network on a device; its forward in `precision` ('fp32', or 'bf16' autocast:
+    deepnav.torch_runtime.autocast), the logits back in fp32 before the sigmoid, the fusion of
+    the crops and the ellipse fit."""
+
+    def __init__(self, module, metadata: dict, device: torch.device, path: Path | None = None, precision: str = "fp32"):
+        self.module, self.metadata, self.device, self.path, self.precision = module, metadata, device, path, precision
         self.canvas_hw = tuple(metadata.get("canvas_hw", crops.CANVAS_HW))
         self.q = float(metadata.get("crop_fraction", crops.Q))
         self.mirror = True  # test-time flip (see crop_probabilities); False for the plain path's cost
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto") -> HeadSegmenter:
+    def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "fp32") -> HeadSegmenter:
         path = Path(path) if path is not None else SHIPPED_MODEL
         dev = pick_device(device)
         module, metadata = model_files.load_archive(path, dev, MODEL_FORMAT, MODEL_VERSION, "fetal head segmentation")
-        return cls(module, metadata, dev, path)
+        return cls(module, metadata, dev, path, precision)
 
     @classmethod
-    def from_module(cls, module: HeadNet, device: torch.device | str = "cpu") -> HeadSegmenter:
+    def from_module(cls, module: HeadNet, device: torch.device | str = "cpu", precision: str = "fp32") -> HeadSegmenter:
         """An in-training network (validation uses the same path as inference)."""
-        return cls(module, record(0), torch.device(device))
+        return cls(module, record(0), torch.device(device), precision=precision)
 
     def probability(self, pixels: np.ndarray, mirror: bool | None = None) -> np.ndarray:
         """(rows, cols) grey image -> head probability on the same pixel grid, float32."""
@@ -69,7 +73,7 @@ class HeadSegmenter:
         batch = crops.crops_of(crops.to_working(image, layout), layout, self.canvas_hw)
         if mirror:  # one batch of 8: the four crops, then their mirror images
             batch = torch.cat([batch, crops.mirrored(batch, layout)])
-        probabilities = torch.sigmoid(self.module(batch.to(self.device)).float().cpu())
+        probabilities = torch.sigmoid(forward_in(self.precision, self.module, batch.to(self.device)).cpu())
         if mirror:
             n = len(layout.origins)
             probabilities = (probabilities[:n] + crops.mirrored(probabilities[n:], layout)) / 2

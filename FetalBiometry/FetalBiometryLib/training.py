@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from deepnav import distributed
 from deepnav.progress import CancelToken, ProgressCallback, print_progress, silent
-from deepnav.torch_runtime import adam, seed_everything
+from deepnav.torch_runtime import adam, forward_in, seed_everything
 from FetalBiometryLib import crops, segment
 from FetalBiometryLib.deidentify import deidentify
 from FetalBiometryLib.evaluation import score_case, summarise
@@ -171,7 +171,10 @@ def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config: TrainConfig, *,
           device: torch.device | None = None, resume: bool = False, metadata: dict | None = None,
-          progress: ProgressCallback = print_progress, cancel: CancelToken | None = None) -> tuple[HeadNet, dict]:
+          progress: ProgressCallback = print_progress, cancel: CancelToken | None = None,
+          precision: str = "fp32") -> tuple[HeadNet, dict]:
+    """`precision` 'bf16': the network's forward (training and validation) in bf16 autocast, its
+    logits back in fp32 for the loss; batch-norm statistics, weights, gradients and Adam in fp32."""
     device = device or torch.device("cpu")
     world = distributed.world()
     progress = progress if world.is_main else silent
@@ -211,7 +214,8 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
             if cancel is not None:
                 cancel.raise_if_cancelled()
             x, y = sample_batch(data, global_config, rng)
-            loss = loss_fn(trained(x[mine].to(device)), y[mine].to(device), config.boundary_weight, config.boundary_px)
+            loss = loss_fn(forward_in(precision, trained, x[mine].to(device)), y[mine].to(device), config.boundary_weight,
+                           config.boundary_px)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -222,7 +226,7 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
         validate = config.val_every > 0 and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs)
         if validate:
             model.eval()
-            segmenter = segment.HeadSegmenter.from_module(model, device)
+            segmenter = segment.HeadSegmenter.from_module(model, device, precision)
             # each rank scores its share of the images; the rows merged in order, as one process makes them
             summary = summarise(distributed.gather([score_case(segmenter, c) for c in distributed.shard(val_cases)]))
             e = summary.get("ellipse")

@@ -202,7 +202,8 @@ def _train(args) -> int:
         init = (start.module.state_dict(), start.normalisation)
     console.stage("training")
     model, normalisation, info = train(cases[:-args.val_cases], cases[-args.val_cases:], args.out, config,
-                                       device=pick_device(args.device), resume=args.resume, init=init)
+                                       device=pick_device(args.device), resume=args.resume, init=init,
+                                       precision=args.precision)
     if not distributed.is_main():  # rank 0 of a torchrun job writes the model and reports
         return 0
     manifest = json.loads((args.data / "dataset.json").read_text())
@@ -218,12 +219,12 @@ def _train(args) -> int:
 
 def _load(args):
     # said before torch is imported and the model read: the command's first seconds
-    console.stage(f"loading the model ({args.model or 'shipped'}, device {args.device})")
+    console.stage(f"loading the model ({args.model or 'shipped'}, device {args.device}, {args.precision})")
     from deepnav.torch_runtime import configure_threads, describe_device
     from LiverLesionSegLib.model_io import load_model
 
     configure_threads()
-    model = load_model(args.model, args.device, localiser=getattr(args, "localiser", None))
+    model = load_model(args.model, args.device, localiser=getattr(args, "localiser", None), precision=args.precision)
     print_progress(1.0, f"{model.path.name} on {describe_device(model.device)}")
     return model
 

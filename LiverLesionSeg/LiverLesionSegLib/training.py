@@ -24,6 +24,7 @@ scores merged; rank 0 alone writes. A checkpoint resumes under any number of pro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -39,7 +40,7 @@ from scipy import ndimage
 from deepnav import distributed
 from deepnav.model_files import save_atomic
 from deepnav.progress import CancelToken, ProgressCallback, print_progress, silent
-from deepnav.torch_runtime import adam, seed_everything
+from deepnav.torch_runtime import adam, forward_in, seed_everything
 from LiverLesionSegLib.dataset import IGNORE, TrainingCase
 from LiverLesionSegLib.evaluation import dice
 from LiverLesionSegLib.inference import predict_logits
@@ -169,11 +170,13 @@ def _drop_phases(image: np.ndarray, present: list[int], rng: np.random.Generator
 def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_dir: Path, config: TrainConfig, *,
           device: torch.device | None = None, resume: bool = False, init: tuple[dict, Normalisation] | None = None,
           progress: ProgressCallback = print_progress,
-          cancel: CancelToken | None = None) -> tuple[LesionUNet, Normalisation, dict]:
+          cancel: CancelToken | None = None, precision: str = "fp32") -> tuple[LesionUNet, Normalisation, dict]:
     """Train; returns the lowest-validation-loss model, its normalisation and the history.
     Writes `checkpoint.pt` (every epoch), `best.pt` and `history.json` into `out_dir`.
     `init`: (weights, normalisation) of a model to fine-tune; its normalisation is kept, since the
-    weights expect inputs scaled that way."""
+    weights expect inputs scaled that way. `precision` 'bf16': the network's forward (training
+    and validation) in bf16 autocast, its logits back in fp32 for the loss; weights, gradients
+    and Adam in fp32."""
     if not train_cases or not val_cases:
         raise ValueError("training needs at least one training and one validation case")
     device = device or torch.device("cpu")
@@ -190,7 +193,8 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
     present = [[n for n, v in enumerate(x) if np.any(v)] for x, _ in inputs]
     lesions = [_lesion_voxels(label) for _, label in inputs]
     livers = [np.flatnonzero(label == 1) for _, label in inputs]
-    # channels-last 3D: oneDNN's convolutions run about 25% faster on the CPU in this layout (measured)
+    # channels-last 3D: a training step (2 x 64^3) took 0.41x the time of the contiguous layout on this
+    # CPU (oneDNN; benchmarks/mixed_precision.py, results/mixed_precision_cpu.json)
     model = LesionUNet(width=config.width)
     if init is not None:
         model.load_state_dict(init[0])
@@ -232,7 +236,7 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
                 labels.append(torch.as_tensor(sample["label"]))
             x = torch.stack(images[mine]).float().to(device, memory_format=torch.channels_last_3d)
             y = torch.stack(labels).round().to(device)
-            loss = loss_fn(distributed.gather_batch(net(x)), y)  # on the whole global batch
+            loss = loss_fn(distributed.gather_batch(forward_in(precision, net, x)), y)  # on the whole global batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -242,7 +246,7 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
                          f"epoch {epoch + 1}/{config.epochs} step {step + 1}: loss {np.mean(losses[-10:]):.4f}")
         record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": float(np.mean(losses))}
         if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
-            scores = validate(model, val_cases, normalisation, loss_fn, device, cancel)  # (shared out)
+            scores = validate(model, val_cases, normalisation, loss_fn, device, cancel, precision)  # (shared out)
             record.update(scores)
             progress((epoch + 1) / config.epochs,
                      f"epoch {epoch + 1}/{config.epochs}: val loss {scores['val_loss']:.4f}, "
@@ -266,13 +270,14 @@ def train(train_cases: list[TrainingCase], val_cases: list[TrainingCase], out_di
 
 @torch.no_grad()
 def validate(model: LesionUNet, cases: list[TrainingCase], normalisation: Normalisation, loss_fn, device,
-             cancel: CancelToken | None = None) -> dict:
+             cancel: CancelToken | None = None, precision: str = "fp32") -> dict:
     """Whole-case validation: mean loss, lesion and liver Dice (all phases given; IGNORE voxels left
     out). Under torchrun each process scores its share of the cases and the scores are merged."""
     model.eval()
     losses, lesion, liver = [], [], []
     for case in distributed.shard(cases):
-        logits = predict_logits(model, normalisation.apply(case.phases_hu), device, cancel=cancel)
+        logits = predict_logits(functools.partial(forward_in, precision, model), normalisation.apply(case.phases_hu), device,
+                                cancel=cancel)
         target = torch.from_numpy(case.label.astype(np.float32))[None, None]
         losses.append(float(loss_fn(logits[None], target)))
         known = case.label != IGNORE

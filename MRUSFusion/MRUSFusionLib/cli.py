@@ -167,12 +167,12 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 def _load(args):
     # said before torch is imported and the model read: the command's first seconds
-    console.stage(f"loading the model ({args.model or 'shipped'}, device {args.device})")
+    console.stage(f"loading the model ({args.model or 'shipped'}, device {args.device}, {args.precision})")
     from deepnav.torch_runtime import configure_threads, describe_device
     from MRUSFusionLib.model_io import load_model
 
     configure_threads()
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.precision)
     print_progress(1.0, f"{model.path.name} on {describe_device(model.device)}")
     return model
 
@@ -243,7 +243,8 @@ def _train(args) -> int:
     init = model_io.load_model(args.init, "cpu").eager().state_dict() if args.init else None
     console.stage("training")
     path, info = training.train_and_save(train_samples, val_samples, args.out, config, source=source,
-                                         device=pick_device(args.device), resume=args.resume, init_state=init)
+                                         device=pick_device(args.device), resume=args.resume, init_state=init,
+                                         precision=args.precision)
     if path is None:  # not rank 0 of a torchrun job: rank 0 reports and writes
         return 0
     best = info["best"]

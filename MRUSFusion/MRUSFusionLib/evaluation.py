@@ -114,7 +114,8 @@ def evaluate(model: LoadedModel, cases: int, seed: int, *, frames: int = 2, base
         "dice_vessels_initial": float(np.median([r["dice_vessels_initial"] for r in rows])),
         "dice_vessels_final": float(np.median([r["dice_vessels_final"] for r in rows])),
         "folding_percent": float(max(r["folding_percent"] for r in rows)),
-        "latency_s": {**spread(latencies), "what": "preprocessed 128^3 pair to dense field, warm", "device": str(model.device)},
+        "latency_s": {**spread(latencies), "what": "preprocessed 128^3 pair to dense field, warm", "device": str(model.device),
+                      "precision": model.precision},
     }
     if correct:
         summary["tre_corrected_mm"] = spread(errors["corrected"])
@@ -135,7 +136,7 @@ def evaluate(model: LoadedModel, cases: int, seed: int, *, frames: int = 2, base
         "summary": summary,
         "cases": rows,
         "settings": {"cases": cases, "seed": seed, "frames_per_case": frames, "patient_seeds": seeds,
-                     "model": str(model.path), "model_metadata": model.metadata},
+                     "model": str(model.path), "precision": model.precision, "model_metadata": model.metadata},
         "machine": machine_description(),
     }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepnav.torch_runtime import forward_in
 from MRUSFusionLib.bspline import CONTROL_POINTS, CONTROL_SPACING, bspline_matrix, upsample_control_points
 from MRUSFusionLib.warp import affine_displacement, compose_affine, grid_centre, rigid_matrix, warp
 
@@ -25,7 +26,31 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
 
 
-class RigidNet(nn.Module):
+class _Network(nn.Module):
+    """A network of the cascade whose layers (`layers`) run in `precision` ('fp32' or 'bf16'
+    autocast, set by `set_precision`) and return fp32: the scaling of their outputs to voxels and
+    radians, the rigid matrix, the B-spline upsampling, the composition and the warps all stay
+    fp32. Eager only: a scripted or exported cascade is fp32 (TorchScript cannot switch autocast
+    by an attribute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.precision = "fp32"
+
+    def layers(self, pair: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_layers(self, pair: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.precision != "fp32":
+            return self._run_in_precision(pair)
+        return self.layers(pair)
+
+    @torch.jit.unused
+    def _run_in_precision(self, pair: torch.Tensor) -> torch.Tensor:
+        return forward_in(self.precision, self.layers, pair)
+
+
+class RigidNet(_Network):
     """Five 3x3x3 convolutions (2, 16, 32, 64, 128 filters), four downsamplings between them
     (128^3 -> 8^3), one fully connected layer to 3 translations and 3 rotations."""
 
@@ -40,13 +65,16 @@ class RigidNet(nn.Module):
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
+    def layers(self, pair: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(pair).flatten(1))
+
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         """(N, 2, 128, 128, 128) -> (N, 6): ti, tj, tk (voxels), ai, aj, ak (radians)."""
-        raw = self.fc(self.features(pair).flatten(1))
+        raw = self.run_layers(pair)
         return torch.cat([raw[:, :3] * self.translation_scale, raw[:, 3:] * self.rotation_scale], dim=1)
 
 
-class BSplineNet(nn.Module):
+class BSplineNet(_Network):
     """128^3 -> (conv, down) x2 -> 32 x 32^3 -> transposed conv (padding 0) -> 32 x 34^3 ->
     (conv, down) -> 17^3 -> 1x1x1 conv -> 17^3 x 3 control-point displacements (voxels)."""
 
@@ -60,9 +88,12 @@ class BSplineNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def layers(self, pair: torch.Tensor) -> torch.Tensor:
+        return self.head(self.reduce(self.expand(self.encoder(pair))))
+
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         """(N, 2, 128, 128, 128) -> (N, 3, 17, 17, 17), channels (di, dj, dk)."""
-        return self.head(self.reduce(self.expand(self.encoder(pair)))) * self.control_scale
+        return self.run_layers(pair) * self.control_scale
 
 
 class Cascade(nn.Module):
@@ -79,6 +110,11 @@ class Cascade(nn.Module):
         self.register_buffer("wy", w.clone(), persistent=False)
         self.register_buffer("wx", w.clone(), persistent=False)
         self.register_buffer("centre", grid_centre(grid), persistent=False)
+
+    def set_precision(self, precision: str) -> Cascade:
+        """Run both networks' layers in `precision` ('fp32', 'bf16'); the geometry stays fp32."""
+        self.rigid.precision = self.bspline.precision = precision
+        return self
 
     def rigid_stage(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """(N, 3, 4) voxel-space rigid matrix, x_moving = A x + b."""

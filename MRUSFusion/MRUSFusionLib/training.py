@@ -311,11 +311,15 @@ def train(
     cancel: CancelToken | None = None,
     metadata: dict | None = None,
     init_state: dict | None = None,
+    precision: str = "fp32",
 ) -> tuple[Cascade, dict]:
     """Train and return the best-validation model and the history. Writes to `out_dir`:
     `checkpoint.pt` (resumable, every epoch), `best.pt` (best weights), `history.json`.
     With `resume`, training continues after the checkpoint's last epoch up to `config`'s epoch
-    counts (pass `checkpoint_config(out_dir)` with more epochs to extend a finished run)."""
+    counts (pass `checkpoint_config(out_dir)` with more epochs to extend a finished run).
+    `precision` 'bf16': the two networks' layers run in bf16 autocast (Cascade.set_precision),
+    the warps, fields and losses in fp32; the weights, their gradients and Adam stay fp32. The
+    returned model is fp32 again (for saving and scripting)."""
     world = distributed.world()
     if not train_samples or not sum(distributed.gather_concat([len(val_samples)])):
         raise ValueError("training needs at least one training and one validation frame")
@@ -326,7 +330,10 @@ def train(
     one_stream = world.size * config.batch == 1  # one pair per step: the stream it always had
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
-    model = Cascade().to(device)
+    # channels-last 3D weights: a rigid-stage step took ~0.73x the time on this CPU in fp32, and in
+    # bf16 0.18x (oneDNN's bf16 3D convolutions' backward is slow in the contiguous layout)
+    # (benchmarks/mixed_precision.py); the same arithmetic to float rounding
+    model = Cascade().to(device, memory_format=torch.channels_last_3d).set_precision(precision)
     if init_state is not None:  # fine-tuning from a trained model (e.g. the shipped one)
         model.load_state_dict(init_state)
     history: list[dict] = []
@@ -423,7 +430,7 @@ def train(
     if world.is_main:  # (the other processes return their last weights)
         best_state = torch.load(out_dir / "best.pt", map_location=device, weights_only=False)
         model.load_state_dict(best_state["model"])
-    model.eval()
+    model.eval().set_precision("fp32")
     return model, {"history": history, "best": best, "config": config.to_json()}
 
 
@@ -458,7 +465,7 @@ def split_frames(samples: list, val_frames: int) -> tuple[list, list, list[int]]
 def train_and_save(train_samples: list[Sample], val_samples: list[Sample], out_dir: Path, config: TrainConfig, *,
                    source: dict, device: torch.device | None = None, resume: bool = False,
                    init_state: dict | None = None, progress: ProgressCallback = print_progress,
-                   cancel: CancelToken | None = None) -> tuple[Path, dict]:
+                   cancel: CancelToken | None = None, precision: str = "fp32") -> tuple[Path, dict]:
     """`train`, then the best model as `model.pt` (TorchScript) and `model.pt2` (torch.export)
     with a record of the data, loss and best validation: the command line's and the Slicer
     module's one way to make a model."""
@@ -468,7 +475,7 @@ def train_and_save(train_samples: list[Sample], val_samples: list[Sample], out_d
     metadata = {"training": {**source, "config": config.to_json(),
                              "loss": f"{w.label} * label + {w.mind} * MIND + {w.smooth} * smoothness"}}
     model, info = train(train_samples, val_samples, out_dir, config, device=device, resume=resume,
-                        progress=progress, cancel=cancel, metadata=metadata, init_state=init_state)
+                        progress=progress, cancel=cancel, metadata=metadata, init_state=init_state, precision=precision)
     if not distributed.is_main():  # rank 0 writes the model
         return None, info
     metadata["training"]["best"] = info["best"]
