@@ -60,7 +60,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     config_option(p, "--lr", TRAIN_CONFIG, type=float, help="learning rate")
     config_option(p, "--width", TRAIN_CONFIG, type=int, help="network width (channels of the first layer)")
     config_option(p, "--init", TRAIN_CONFIG, type=str, metavar="MODEL",
-                  help="start from this model's weights (a model file, e.g. the shipped one; fine-tuning)")
+                  help="start from this model's weights (a model file, e.g. the shipped one; fine-tuning; "
+                       "default: from scratch)")
     config_option(p, "--restarts", TRAIN_CONFIG, type=int,
                   help="cosine learning-rate cycles over the epochs (warm restarts; each cycle's end saved as cycle<k>.pt)")
     config_option(p, "--boundary-weight", TRAIN_CONFIG, type=float,
