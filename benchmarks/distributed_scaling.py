@@ -45,7 +45,9 @@ def _fusion(device, batch):
 
     samples = patient_samples(10_000_000 + distributed.world().rank, frames=2)
     config = TrainConfig(batch=batch)
-    model = Cascade().to(device)
+    # channels-last 3D, as the trainer since issue 24's mixed-precision work (results/distributed_scaling_cpu.json
+    # was measured before, with contiguous weights: a rigid step then took ~1.4x as long, mixed_precision_cpu.json)
+    model = Cascade().to(device, memory_format=torch.channels_last_3d)
     net = distributed.wrap(_StageLoss(model, "rigid", config, distributed.world().active))
     rng = np.random.default_rng(distributed.world().rank)
     batches = [make_batch(samples[i % len(samples)], config, device, rng) for i in range(batch)]
