@@ -1,6 +1,8 @@
 """The correction stage (MIND-SSC, discrete search, robust rigid fit, refinement) and the
 registration region that follows the data."""
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -45,6 +47,41 @@ def test_mind_ssc_ignores_affine_intensity_changes():
     assert a.std() > 0.05  # and it is not a constant
 
 
+def test_refinement_sampler_reads_what_grid_sample_reads_with_half_voxel_central_differences():
+    """The refinement's samplers give grid_sample's trilinear values (zeros outside its box) and,
+    as their gradient, the difference of the values half a voxel either side (the interpolant's
+    own derivative jumps at the voxel faces, where the refinement starts)."""
+    rng = np.random.default_rng(3)
+    image = torch.from_numpy(rng.random((2, 10, 12, 14)).astype(np.float32))[None]  # (1, C, k, j, i)
+
+    def grid_sample(pos):  # voxel (i, j, k) -> grid_sample's [-1, 1] (align_corners)
+        grid = (pos * torch.tensor([2.0 / 13, 2.0 / 11, 2.0 / 9]) - 1.0).view(1, 1, 1, -1, 3)
+        return torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
+                                               align_corners=True).view(2, -1)
+
+    rows = correction.Rows(image[:, :1], image[:, 1:])  # channels side by side, as the features and their support
+    pos = torch.from_numpy(rng.uniform([-2, -2, -2], [15, 13, 11], (300, 3)).astype(np.float32))
+    pos[:50] = pos[:50].round()  # on voxels, and on faces
+    pos[50:100, 0] = pos[50:100, 0].floor() + 0.5
+    moving = pos.clone().requires_grad_()
+    weights = torch.tensor([[0.7], [-1.3]])
+    sampled = correction._TrilinearWithGradient.apply(moving, rows)
+    np.testing.assert_allclose(sampled.detach().numpy(), grid_sample(pos).numpy(), atol=1e-5)
+    np.testing.assert_allclose(correction.trilinear(pos, rows).numpy(), grid_sample(pos).numpy(), atol=1e-5)
+    (weights * sampled).sum().backward()
+    for axis in range(3):
+        half = torch.zeros(3)
+        half[axis] = 0.5
+        expected = (weights * (grid_sample(pos + half) - grid_sample(pos - half))).sum(0)
+        np.testing.assert_allclose(moving.grad[:, axis].numpy(), expected.numpy(), atol=1e-5)
+    box = rows.within(torch.tensor([3, 2, 1]), torch.tensor([9, 8, 7]))  # a box reads zeros outside it
+    cropped = torch.zeros_like(image)
+    cropped[:, :, 1:7, 2:8, 3:9] = image[:, :, 1:7, 2:8, 3:9]
+    image = cropped
+    np.testing.assert_allclose(correction._TrilinearWithGradient.apply(pos, box).numpy(), grid_sample(pos).numpy(), atol=1e-5)
+    np.testing.assert_allclose(correction.trilinear(pos, box).numpy(), grid_sample(pos).numpy(), atol=1e-5)
+
+
 def test_lts_rigid_fit_ignores_a_third_of_wild_correspondences():
     rng = np.random.default_rng(0)
     p = rng.uniform(-40, 40, (300, 3))
@@ -82,6 +119,32 @@ def test_correction_recovers_a_known_rigid_move_through_the_transform_it_returns
     assert error.max() < 0.5, error
     assert c.report["start"] == "coarse" and not c.report["flags"]
     assert c.report["mind_ssc_after"] < c.report["mind_ssc_before"]
+
+
+def test_the_mr_side_is_made_once_per_region_and_reused_frames_get_the_answers_made_afresh():
+    """Frames on one grid (a held probe) share their registration region: the MR's features are
+    made for the first and reused for the next, which get exactly the answer computed afresh; a
+    frame elsewhere makes them again."""
+    from MRUSFusionLib.registration import MRSideCache
+
+    fixed, _ = small_pair(np.eye(4))
+    centre = fixed.centre_lps()
+    first = moved_copy(fixed, rigid_about((4.0, -3.0, 2.0), (3.0, -2.0, 4.0), centre))
+    second_move = matrix_to_affine(np.linalg.inv(rigid_about((-2.0, 3.0, 1.0), (-2.0, 3.0, -1.0), centre)))
+    # the same grid and data support (a fan fixed to the probe), the tissue in it moved
+    second = first.with_array(np.maximum(resample_to_grid(first, first, transform=second_move).array, 0.01))
+    elsewhere = moved_copy(fixed, rigid_about((0.0, 0.0, 0.0), (9.0, 0.0, 0.0), centre))
+    cache = MRSideCache()
+    quick = correction.CorrectionSettings(refine_candidates=1, refine_steps=10)  # what is cached, not accuracy, is tested
+    for us, hits, misses in ((first, 0, 1), (second, 1, 1), (elsewhere, 1, 2)):
+        region = registration_region(fixed, us)
+        cached = correct_registration(fixed, us, region, mr_side=cache, settings=quick)
+        assert (cache.hits, cache.misses) == (hits, misses)
+        if us is not second:
+            continue
+        afresh = correct_registration(fixed, us, region, settings=quick)
+        np.testing.assert_array_equal(cached.matrix_lps, afresh.matrix_lps)
+        assert json.dumps(cached.report) == json.dumps(afresh.report)  # (NaN == NaN in JSON)
 
 
 def test_correction_captures_a_25_mm_move_of_a_us_smaller_than_the_mr():

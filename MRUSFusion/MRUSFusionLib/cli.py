@@ -262,7 +262,7 @@ def _register(args) -> int:
 
     from deepnav.imaging import read_volume
     from MRUSFusionLib.overlay import write_png
-    from MRUSFusionLib.registration import overlay_picture, register
+    from MRUSFusionLib.registration import MRSideCache, overlay_picture, register
 
     mr = read_volume(args.mr, what="MR")
     liver = read_volume(args.liver, what="liver mask") if args.liver else None
@@ -277,10 +277,11 @@ def _register(args) -> int:
     names = distinct_names([image_stem(p) for p in args.us])
     # one stage for the batch: its bar moves volume by volume, so the ETA is the batch's
     console.stage(f"registering {len(args.us)} US volume(s)" + ("" if args.fast else ", network then correction"))
+    mr_side = MRSideCache()  # volumes of one sweep share their region: the MR's features are made once
     for n, (us_path, name) in enumerate(zip(args.us, names, strict=True)):
         print_progress(n / len(args.us), us_path.name)
         us = read_volume(us_path, what="US volume")
-        result = register(model, mr, us, liver=liver, initial=initial, correct=not args.fast)
+        result = register(model, mr, us, liver=liver, initial=initial, correct=not args.fast, mr_side=mr_side)
         out = args.out / name
         paths = result.write(out)
         paths["overlay"] = write_png(overlay_picture(result, mr, us, initial), out / "overlay.png")

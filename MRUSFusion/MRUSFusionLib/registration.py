@@ -171,10 +171,11 @@ def register_pair(model: LoadedModel, pair: FusionPair, timings: dict | None = N
 def register(model: LoadedModel, mr: Volume, us: Volume, *, liver: Volume | None = None,
              initial: sitk.Transform | None = None, grid: Volume | None = None,
              fixed: np.ndarray | None = None, correct: bool = True,
-             settings: correction.CorrectionSettings | None = None) -> Registration:
+             settings: correction.CorrectionSettings | None = None, mr_side: MRSideCache | None = None) -> Registration:
     """Resample MR and US into the network's grid (US coarsely aligned, or through `initial`), run
     the network, then (unless `correct` is False) the correction on the registration region.
-    `grid` and `fixed` (see `prepare_pair`) reuse the MR's preprocessing across frames."""
+    `grid` and `fixed` (see `prepare_pair`), and `mr_side` for the correction, reuse the MR's
+    preprocessing across frames."""
     t0 = time.perf_counter()
     region = registration_region(mr, us, liver, initial) if correct or (grid is None and liver is None) else None
     if grid is None:
@@ -184,19 +185,19 @@ def register(model: LoadedModel, mr: Volume, us: Volume, *, liver: Volume | None
     if initial is not None:
         fold_initial(result, initial)
     if correct:
-        correct_result(result, mr, us, region=region, liver=liver, initial=initial, settings=settings)
+        correct_result(result, mr, us, region=region, liver=liver, initial=initial, settings=settings, mr_side=mr_side)
     return result
 
 
 def correct_result(result: Registration, mr: Volume, us: Volume, *, region: Volume | None = None,
                    liver: Volume | None = None, initial: sitk.Transform | None = None,
-                   settings: correction.CorrectionSettings | None = None) -> Correction:
+                   settings: correction.CorrectionSettings | None = None, mr_side: MRSideCache | None = None) -> Correction:
     """Follow the network's result with the correction stage (on `region`, by default the
     registration region of this MR and US): sets and returns `result.correction`, its timings
     added to the result's. What `register`, the evaluation and the service's second stage run."""
     region = region if region is not None else registration_region(mr, us, liver, initial)
     result.correction = correct_registration(mr, us, region, network=result.network_transforms(),
-                                             initial=initial, liver=liver, settings=settings)
+                                             initial=initial, liver=liver, settings=settings, mr_side=mr_side)
     result.timings.update({f"correction_{k}": v for k, v in result.correction.timings.items()})
     return result.correction
 
@@ -218,17 +219,60 @@ def us_on_region(us: Volume, region: Volume, transform: sitk.Transform | None) -
     return normalise(np.nan_to_num(values, nan=0.0), mask) * mask, mask
 
 
+@dataclasses.dataclass(frozen=True)
+class FixedSide:
+    """The fixed image's share of a correction on one region padded by the search's reach: its
+    MIND-SSC features and support on the feature grid and on the search's coarse grid, and its
+    support on the padded region's voxels."""
+
+    features: tuple[torch.Tensor, torch.Tensor]
+    coarse: tuple[torch.Tensor, torch.Tensor]
+    mask: np.ndarray
+    rows: correction.Rows  # the features and support as the refinement and the scores read them
+
+
+class MRSideCache:
+    """The MR's share of the correction, kept for the next frame: a live stream (a held probe) or
+    a series of volumes from one sweep gives the same registration region frame after frame, and
+    the MR's resampling and MIND-SSC on it (the padded region, up to 192^3 voxels) cost more than
+    the US's. One region is kept (a padded region's features take up to ~400 MB); the entry holds
+    the MR and liver it was made from and is used only for those same objects."""
+
+    def __init__(self):
+        self._entry: tuple[Volume, Volume | None, tuple, FixedSide] | None = None
+        self.hits = self.misses = 0
+
+    def get(self, mr: Volume, liver: Volume | None, key: tuple, compute) -> FixedSide:
+        entry = self._entry
+        if entry is not None and entry[0] is mr and entry[1] is liver and entry[2] == key:
+            self.hits += 1
+            return entry[3]
+        self.misses += 1
+        self._entry = None  # the old one is freed before the new one is made
+        side = compute()
+        self._entry = (mr, liver, key, side)
+        return side
+
+
+def _geometry_key(grid: Volume) -> tuple:
+    """A grid's geometry as a hashable value (LPS; to 1e-6 mm)."""
+    return (tuple(grid.size_ijk), *(tuple(np.round(np.asarray(a, float).ravel(), 6)) for a in
+                                    (grid.spacing, grid.origin, grid.direction)))
+
+
 def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: list | None = None,
                          initial: sitk.Transform | None = None, liver: Volume | None = None,
-                         fixed_is_us: bool = False,
-                         settings: correction.CorrectionSettings | None = None) -> Correction:
+                         fixed_is_us: bool = False, settings: correction.CorrectionSettings | None = None,
+                         mr_side: MRSideCache | None = None) -> Correction:
     """The correction stage on the registration region, started from the network's answer
     (`network`: its ITK transforms, applied last-first) or from the coarse alignment (`initial`, or
     the images as they lie), whichever has the lower MIND-SSC distance; never worse than its
     start by that distance (`correction.correct`). The fixed support is the MR's grid (or, with
     `fixed_is_us` for US-US registration, its voxels > 0, and it is despeckled as the US is); with
     a liver mask only the liver and a margin around it: the body wall and ribs do not follow the
-    liver's breathing, and a rigid fit to them would pull it back."""
+    liver's breathing, and a rigid fit to them would pull it back. With `mr_side`, the MR's share
+    (its resampling and features on the padded region) comes from there when another frame already
+    made it on the same region."""
     settings = settings or correction.CorrectionSettings()
     timings = {}
     t0 = time.perf_counter()
@@ -237,14 +281,23 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     factor, reach = settings.search(float(fg.spacing[0]))
     pad = factor * reach  # feature voxels: the fixed image is scored up to the search's reach around the region
     around = correction.padded(region, pad * pool)
-    fixed, fixed_mask = mr_on_region(mr, around, data_only=fixed_is_us)
-    if fixed_is_us:
-        fixed = _despeckled(fixed, fixed_mask, around, settings.us_smoothing_mm)
-    if liver is not None:
-        fixed_mask *= _dilated_mask(liver, around, settings.liver_margin_mm)
-    fix_padded = correction.features(fixed, fixed_mask, pool, settings)
     coarse_settings = dataclasses.replace(settings, mind_radius=settings.search_mind[0], mind_dilation=settings.search_mind[1])
-    coarse = correction.Coarse(correction.features(fixed, fixed_mask, pool * factor, coarse_settings), {}, factor)
+
+    def fixed_side() -> FixedSide:
+        fixed, fixed_mask = mr_on_region(mr, around, data_only=fixed_is_us)
+        if fixed_is_us:
+            fixed = _despeckled(fixed, fixed_mask, around, settings.us_smoothing_mm)
+        if liver is not None:
+            fixed_mask *= _dilated_mask(liver, around, settings.liver_margin_mm)
+        fine = correction.features(fixed, fixed_mask, pool, settings)
+        return FixedSide(fine, correction.features(fixed, fixed_mask, pool * factor, coarse_settings), fixed_mask,
+                         correction.Rows(*fine))
+
+    key = (_geometry_key(around), fixed_is_us, settings)
+    side = mr_side.get(mr, liver, key, fixed_side) if mr_side is not None else fixed_side()
+    timings["mr_features"] = time.perf_counter() - t0
+    fix_padded, fixed_mask = side.features, side.mask
+    coarse = correction.Coarse(side.coarse, {}, factor)
     starts = {"coarse": ([initial] if initial is not None else [],
                          linear_to_matrix(initial) if initial is not None else np.eye(4))}
     if network:
@@ -256,7 +309,7 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
         moving[name] = correction.features(despeckled, mask, pool, settings)
         coarse.movings[name] = correction.features(despeckled, mask, pool * factor, coarse_settings)
     timings["features"] = time.perf_counter() - t0
-    answer = correction.correct(fix_padded, pad, moving, float(fg.spacing[0]), settings, coarse)
+    answer = correction.correct(fix_padded, pad, moving, float(fg.spacing[0]), settings, coarse, side.rows)
     if answer is None:
         raise InputError("the US data and the MR do not overlap in the registration region")
     timings.update(answer.timings)

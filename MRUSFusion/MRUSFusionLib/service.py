@@ -38,7 +38,7 @@ from MRUSFusionLib.igtl_transport import Connection, ConnectionClosed, ProtocolE
 from MRUSFusionLib.mailbox import LatestFrameMailbox
 from MRUSFusionLib.model_io import LoadedModel
 from MRUSFusionLib.preprocess import fusion_grid, prepare_fixed
-from MRUSFusionLib.registration import Registration, correct_result, register
+from MRUSFusionLib.registration import MRSideCache, Registration, correct_result, register
 
 log = logging.getLogger("deepnav.fusion.service")
 
@@ -89,6 +89,7 @@ class FusionProcessor:
         self.device = describe_device(model.device)
         self.grid = fusion_grid(mr, liver)
         self.fixed = prepare_fixed(mr, self.grid)
+        self.mr_side = MRSideCache()  # the correction's MR features, reused while the frames' region holds
 
     def register(self, us: Volume) -> Registration:
         """The network's result on the service's fixed grid (the MR prepared once)."""
@@ -116,7 +117,7 @@ class FusionProcessor:
     def _corrected(self, frame: Frame, result: Registration) -> Outcome:
         """The correction stage on the frame's registration region: warped US and field there."""
         t0 = time.perf_counter()
-        c = correct_result(result, self.mr, frame.volume, liver=self.liver)
+        c = correct_result(result, self.mr, frame.volume, liver=self.liver, mr_side=self.mr_side)
         t1 = time.perf_counter()
         region, ts, transform = c.region, frame.timestamp, result.transform()
         messages = [
