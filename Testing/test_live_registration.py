@@ -146,7 +146,8 @@ def test_service_mode_gives_what_in_process_gives(patient, shipped_model):
     np.testing.assert_allclose(sitk.GetArrayFromImage(result.field_lps()),
                                sitk.GetArrayFromImage(fields.displacement_to_lps_image(direct.disp_ijk, direct.grid)),
                                atol=1e-4)
-    np.testing.assert_allclose(result.rigid_to_parent_ras, msgs.rigid_to_parent_ras(direct.rigid_transform()), atol=1e-5)
+    # the service read the US's geometry as float32 (OpenIGTLink): its network saw a grid 1e-5 mm off
+    np.testing.assert_allclose(result.rigid_to_parent_ras, msgs.rigid_to_parent_ras(direct.rigid_transform()), atol=1e-4)
     # the field stays as it came off the wire (RAS float32, the form MRML takes) until it is shown
     assert result.field_ras.dtype == np.float32 and result.field_grid.same_grid(direct.grid)
     assert result.warped.same_grid(direct.grid)
