@@ -147,16 +147,17 @@ def test_the_mr_side_is_made_once_per_region_and_reused_frames_get_the_answers_m
         assert json.dumps(cached.report) == json.dumps(afresh.report)  # (NaN == NaN in JSON)
 
 
-def test_correction_captures_a_25_mm_move_of_a_us_smaller_than_the_mr():
+@pytest.mark.parametrize("shift_mm, near_limit", [((16.0, -15.0, 12.0), False), ((-19.0, 17.0, 18.0), True)])
+def test_correction_captures_a_25_mm_move_of_a_us_smaller_than_the_mr(shift_mm, near_limit):
     """A liver moves 20-25 mm over half a breath. The 'US' here is a 48 mm cube of the 'MR''s
     tissue (zeros around it, as outside a fan), seen after a 25 mm, 6 degree move; the MR spans
     90 mm. The global translation search and the fixed image padded by the search's reach bring
     it back (scored on the MR's points alone, a true 25 mm shift pushed half the cube's points
-    out of the US, and their penalty kept the correction at the start)."""
+    out of the US, and their penalty kept the correction at the start). A 31 mm move is still
+    brought back, and the report says it came near the edge of the 32 mm search."""
     mr = Volume(textured((90, 90, 90), seed=3, blur=2.0), np.ones(3), np.array([-45.0, -45.0, -45.0]), np.eye(3))
     centre = np.zeros(3)
-    move = rigid_about((4.0, -3.0, 3.0), (16.0, -15.0, 12.0), centre)  # 25 mm at the centre
-    assert 24.0 < np.linalg.norm(move[:3, 3]) < 26.0
+    move = rigid_about((4.0, -3.0, 3.0), shift_mm, centre)  # 25 (31) mm at the centre
     cube = Volume(np.zeros((48, 48, 48), np.float32), np.ones(3), np.array([-24.0, -24.0, -24.0]), np.eye(3))
     # the US: the MR's tissue at move^-1(q) for each US point q (tissue at p now lies at move(p))
     us = resample_to_grid(mr, cube, transform=matrix_to_affine(np.linalg.inv(move)))
@@ -168,6 +169,8 @@ def test_correction_captures_a_25_mm_move_of_a_us_smaller_than_the_mr():
     got = transform_points(sitk.CompositeTransform([*c.start_transforms, matrix_to_affine(c.matrix_lps)]), points)
     assert np.linalg.norm(points - truth, axis=1).min() > 20.0
     assert np.linalg.norm(got - truth, axis=1).max() < 1.0, np.linalg.norm(got - truth, axis=1)
+    assert abs(c.report["correction_mm"] - np.linalg.norm(shift_mm)) < 3.0 and c.report["capture_range_mm"] == 32.0
+    assert ("near_capture_range_32mm" in c.report["flags"]) == near_limit
 
 
 def test_correction_flags_a_wrong_network_answer_and_never_ends_worse_than_its_start():

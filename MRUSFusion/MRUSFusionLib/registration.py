@@ -318,8 +318,10 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
     transforms, linear = starts[start]
     final = sitk.CompositeTransform([*transforms, matrix_to_affine(matrix_lps)])
     warped, _ = us_on_region(us, region, final)
-    disagreement = (_mean_distance(final, sitk.CompositeTransform(network), region, correction.unpadded(fixed_mask, pad * pool))
-                    if network else float("nan"))
+    support = correction.unpadded(fixed_mask, pad * pool)
+    disagreement = _mean_distance(final, sitk.CompositeTransform(network), region, support) if network else float("nan")
+    moved = _mean_distance(matrix_to_affine(matrix_lps), sitk.AffineTransform(3), region, support)
+    capture = settings.search_range_mm  # the translation search's reach each way from either start
     distance = answer.distances
     report = {
         "start": start,
@@ -328,11 +330,14 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
         "mind_ssc_robust_fit_from": answer.corrected_from,
         "inlier_share": rigid.inlier_share, "correspondences": rigid.points,
         "consistency_mm": rigid.consistency_mm, "network_disagreement_mm": disagreement,
+        "correction_mm": moved, "capture_range_mm": capture,
         "flags": [flag for flag, on in (
             ("network_worse_than_coarse", bool(network) and distance.get("network", np.inf) > distance["coarse"]),
             ("correction_rejected", answer.rejected),
             (f"disagrees_with_network_over_{settings.disagreement_mm:g}mm", disagreement > settings.disagreement_mm),
-            ("few_inliers", rigid.inlier_share < settings.min_inlier_share)) if on],
+            ("few_inliers", rigid.inlier_share < settings.min_inlier_share),
+            # moved most of the way to the search's edge: the true answer may lie beyond what it can reach
+            (f"near_capture_range_{capture:g}mm", moved > 0.9 * capture)) if on],
     }
     timings["total"] = time.perf_counter() - t0
     return Correction(start, transforms, linear, matrix_lps, region.with_array(np.zeros(region.array.shape, np.uint8)),
