@@ -189,7 +189,15 @@ class MRUSFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 done=stats["frames_completed"], dropped=stats["frames_dropped"], rate=stats["frame_rate_hz"],
                 latency=f"{1000 * latency:.0f} ms" if latency is not None else "-"),
         ]
-        if quality:
+        if quality.get("stage") == "corrected":
+            lines.append(_("Corrected: MIND-SSC {before:.3f} -> {after:.3f} (lower is better); {inliers:.0f}% inliers; "
+                           "{disagreement:.1f} mm from the network").format(
+                before=quality.get("mind_ssc_before", float("nan")), after=quality.get("mind_ssc_after", float("nan")),
+                inliers=100 * quality.get("inlier_share", float("nan")),
+                disagreement=quality.get("network_disagreement_mm", float("nan"))))
+            if quality.get("flags"):
+                lines.append(_("Check: {flags}").format(flags=", ".join(quality["flags"])))
+        elif quality:
             lines.append(_("MIND distance {before:.3f} -> {after:.3f} (lower is better); folding {folding:.3f}%").format(
                 before=quality.get("mind_before", float("nan")), after=quality.get("mind_after", float("nan")),
                 folding=quality.get("folding_percent", float("nan"))))

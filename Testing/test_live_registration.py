@@ -108,6 +108,30 @@ def test_local_live_registration_is_the_registration(patient, shipped_model):
     assert last.warped.same_grid(direct.grid) and last.warped.array.dtype == np.uint8
 
 
+def test_the_client_shows_the_corrected_result_last_with_the_corrections_confidence(patient, shipped_model):
+    """With a correcting service, the newest result the client holds after a frame is the corrected
+    one (on the registration region, not the network's grid), and the figures shown beside it are
+    the correction's: MIND-SSC before and after, the inlier share, the distance from the network,
+    the flags."""
+    us = patient.frames[0].image
+    processor = FusionProcessor(shipped_model, patient.mr, patient.liver, correct=True)
+    with FusionService(processor, port=0) as service, RemoteRegistration("127.0.0.1", service.port) as live:
+        live.submit(us)
+        results, deadline = [], time.monotonic() + 180
+        while (not results or results[-1].report.get("stage") != "corrected") and time.monotonic() < deadline:
+            result = live.poll()
+            results += [result] if result is not None else []
+            time.sleep(0.05)
+        quality = live.stats()["quality"]
+    assert [r.report["stage"] for r in results][-1] == "corrected"
+    corrected = results[-1]
+    assert not corrected.warped.same_grid(processor.grid)  # the region that follows the US
+    c = corrected.report["correction"]
+    assert quality["stage"] == "corrected" and quality["flags"] == c["flags"]
+    assert quality["mind_ssc_after"] <= quality["mind_ssc_before"] and 0.0 <= quality["inlier_share"] <= 1.0
+    assert quality["network_disagreement_mm"] == c["network_disagreement_mm"]
+
+
 def test_a_bad_frame_is_reported_and_the_next_one_registered(patient, shipped_model):
     with LocalRegistration(shipped_model, patient.mr, patient.liver) as live:
         far = patient.frames[0].image

@@ -44,9 +44,22 @@ US_DEVICE = "DeepNavUS"  # the device name frames are sent under in service mode
 _FRAME = "frame"  # the one mailbox key: a live host has one US source
 
 
+def confidence(report: dict) -> dict:
+    """What a surgeon reads beside the newest result, from its report: the network's MIND distance
+    before and after and its folding, or, for a corrected result (a service started with
+    --correct), the correction's MIND-SSC before and after, the inlier share of its robust fit,
+    its distance from the network's answer and its flags."""
+    if report.get("stage") == "corrected" and isinstance(report.get("correction"), dict):
+        c = report["correction"]
+        keys = ("mind_ssc_before", "mind_ssc_after", "inlier_share", "network_disagreement_mm", "flags")
+        return {"stage": "corrected", **{k: c[k] for k in keys if k in c}}
+    figures = {k: report[k] for k in ("mind_before", "mind_after", "folding_percent") if k in report}
+    return {"stage": "network", **figures} if figures else {}
+
+
 @dataclasses.dataclass
 class LiveResult:
-    warped: Volume  # the US warped onto the MR, uint8, on the 128^3 fusion grid (LPS geometry)
+    warped: Volume  # the US warped onto the MR, uint8, on the 128^3 fusion grid or, corrected, the registration region (LPS)
     rigid_to_parent_ras: np.ndarray  # 4x4: the rigid stage as Slicer's to-parent matrix (US -> MR, RAS)
     field_ras: np.ndarray  # the whole registration, phi(x) - x, (k, j, i, 3) float32 RAS mm, resampling
     field_grid: Volume  # convention (MR -> US), on this grid (LPS geometry): as sent, as MRML takes it
@@ -242,7 +255,7 @@ class RemoteRegistration(LiveRegistration):
                                  if (report.get("more_coming") if v is entry else k > message.timestamp)}
             self.device = f"{report.get('compute_device', '?')} (service at {self.address})"
             self.remote_dropped = int(report.get("frames_dropped", 0))
-            self.quality = {k: report[k] for k in ("mind_before", "mind_after", "folding_percent") if k in report}
+            self.quality = confidence(report)
             if all(k in entry for k in ("warped", "rigid", "field")):
                 self._publish(LiveResult(entry["warped"], entry["rigid"], *entry["field"], report,
                                          entry["results_at"] - entry["submitted_at"]))
