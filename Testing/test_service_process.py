@@ -41,8 +41,9 @@ def test_the_service_process_fuses_as_in_process_and_a_kill_is_reported(patient,
         direct = register(shipped_model, patient.mr, us, liver=patient.liver, correct=False)
         np.testing.assert_allclose(sitk.GetArrayFromImage(result.field_lps()), sitk.GetArrayFromImage(
             fields.displacement_to_lps_image(direct.disp_ijk, direct.grid)), atol=1e-4)
+        # the service read the US's geometry as float32 (OpenIGTLink): its network saw a grid 1e-5 mm off
         np.testing.assert_allclose(result.rigid_to_parent_ras, msgs.rigid_to_parent_ras(direct.rigid_transform()),
-                                   atol=1e-5)
+                                   atol=1e-4)
         assert "cpu" in live.stats()["device"]
 
         os.kill(live.process.pid, signal.SIGKILL)
