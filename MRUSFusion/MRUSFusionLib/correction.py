@@ -71,6 +71,9 @@ class CorrectionSettings:
     refine_reach_mm: float = 16.0  # how far the refinement may move a candidate
     refine_lr_mm: float = 0.8  # translation step of the rigid refinement, mm
     refine_lr_rad: float = 0.012  # rotation step of the rigid refinement, radians
+    near_mm: float = 10.0  # an answer within this of its start (at its points' centre) is near it
+    far_margin: float = 0.12  # a far answer must score this share below the best near one to win (phantom: true
+    # 20-40 mm captures scored 0.76-0.86 of the best near answer, false minima 30-42 mm away 0.90-0.97)
     disagreement_mm: float = 5.0  # network and correction disagree above this mean distance (flag)
     min_inlier_share: float = 0.3  # fewer inliers of the robust fit are flagged
     liver_margin_mm: float = 10.0  # with a liver mask, the fixed support is the liver dilated by this
@@ -626,9 +629,10 @@ def correct(fix_padded: tuple[torch.Tensor, torch.Tensor], pad: int, movings: di
     padded by the search's reach, so a large true shift costs no lost points (scored from the fixed
     side, a 25 mm shift pushed a third of the fan's points out of the US and the penalty for losing
     them outweighed the better match). Every start is scored as it lies, after its robust fit and
-    after the global translation search (on `coarse`, when given); the best few are refined; the
-    answer is kept only if its distance is below the best start's, otherwise that start is returned
-    unchanged. None when no start overlaps the fixed support. `fixed_rows`: `Rows(*fix_padded)`
+    after the global translation search (on `coarse`, when given); the best few are refined, and
+    the best one near its start; an answer far from its start must beat the best near one by
+    `settings.far_margin`; the answer is kept only if its distance is below the best start's,
+    otherwise that start is returned unchanged. None when no start overlaps the fixed support. `fixed_rows`: `Rows(*fix_padded)`
     when the caller keeps it for the next frame."""
     t0 = time.perf_counter()
     fix_feat_p, fix_mask_p = fix_padded
@@ -657,34 +661,60 @@ def correct(fix_padded: tuple[torch.Tensor, torch.Tensor], pad: int, movings: di
             for shift in _coarse_shifts(coarse, name, pad, settings.search_minima):
                 candidates.append((score(name, shift), name, shift))
     t1 = time.perf_counter()
-    best, start, matrix = min(candidates, key=lambda c: c[0])
+    centres = {name: overlaps[name].points.mean(0) if len(overlaps[name].points) else torch.zeros(3) for name in usable}
+
+    def moved_mm(name: str, m: np.ndarray) -> float:
+        """How far a map moves its start's points (at their centre), mm."""
+        c = centres[name].double().numpy()
+        return float(np.linalg.norm(m[:, :3] @ c + m[:, 3] - (c + pad))) * spacing_mm
+
+    # the best answer near its start (within settings.near_mm) and the best beyond: a far one wins
+    # only by a margin (a deeper false minimum 30-40 mm away took 2 of 10 phantom frames otherwise)
+    best_of = {True: (np.inf, "", as_it_lies), False: (np.inf, "", as_it_lies)}
+
+    def offer(distance: float, name: str, m: np.ndarray) -> None:
+        near = moved_mm(name, m) <= settings.near_mm
+        if distance < best_of[near][0]:
+            best_of[near] = (distance, name, m)
+
+    for c in candidates:
+        offer(*c)
 
     # the few best candidates are refined side by side (the deepest before refining is not always
     # the true basin), but not one that starts within 2 mm of one already taken from the same
-    # start; after each third of the steps the weaker half is dropped (scored as the answer is):
-    # 4 candidates cost 4 + 2 + 1 thirds of a refinement each, not 4 x 3
+    # start, and always the best one near its start; after each third of the steps the weaker half
+    # of the others is dropped (scored as the answer is): 4 candidates cost 4 + 2 + 1 thirds of a
+    # refinement each, not 4 x 3
     taken: list[tuple[str, np.ndarray]] = []
     runs: list[tuple[str, Refinement]] = []
+    near_first = min((c for c in candidates if moved_mm(c[1], c[2]) <= settings.near_mm), key=lambda c: c[0], default=None)
+    kept = None  # the best near candidate's run, never dropped
     for _, name, candidate in sorted(candidates, key=lambda c: c[0]):
-        if len(runs) == settings.refine_candidates:
-            break
-        overlap = overlaps[name]
-        centre = overlap.points.mean(0) if len(overlap.points) else torch.zeros(3)
-        sent = candidate[:, :3] @ centre.double().numpy() + candidate[:, 3]
-        if any(n == name and np.linalg.norm(sent - other) * spacing_mm < 2.0 for n, other in taken):
+        is_near_first = near_first is not None and candidate is near_first[2] and name == near_first[1]
+        if len(runs) >= settings.refine_candidates and not is_near_first:
+            continue
+        sent = candidate[:, :3] @ centres[name].double().numpy() + candidate[:, 3]
+        if not is_near_first and any(n == name and np.linalg.norm(sent - other) * spacing_mm < 2.0 for n, other in taken):
             continue
         taken.append((name, sent))
-        runs.append((name, Refinement(overlap, fixed_rows, candidate, centre, spacing_mm, settings)))
+        runs.append((name, Refinement(overlaps[name], fixed_rows, candidate, centres[name], spacing_mm, settings)))
+        kept = runs[-1][1] if is_near_first else kept
     thirds = [settings.refine_steps // 3, settings.refine_steps // 3]
     thirds.append(settings.refine_steps - sum(thirds))
     for part, steps in enumerate(thirds):
         for _, run in runs:
             run.advance(steps)
         scored = sorted(((score(name, run.matrix()), name, run) for name, run in runs), key=lambda r: r[0])
-        if scored and scored[0][0] < best:
-            best, start, matrix = scored[0][0], scored[0][1], scored[0][2].matrix()
+        for distance, name, run in scored:
+            offer(distance, name, run.matrix())
         if part < len(thirds) - 1:
-            runs = [(name, run) for _, name, run in scored[:max(1, (len(scored) + 1) // 2)]]
+            others = [(name, run) for _, name, run in scored if run is not kept]
+            runs = others[:max(1, (len(others) + 1) // 2)] + [(name, run) for _, name, run in scored if run is kept]
+    (near_d, near_name, near_m), (far_d, far_name, far_m) = best_of[True], best_of[False]
+    if far_d < near_d * (1.0 - settings.far_margin):
+        best, start, matrix = far_d, far_name, far_m
+    else:
+        best, start, matrix = near_d, near_name, near_m
     t2 = time.perf_counter()
     best_start = min(usable, key=lambda n: distances[n])
     rejected = not best < distances[best_start]
