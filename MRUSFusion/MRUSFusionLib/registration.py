@@ -239,25 +239,21 @@ class MRSideCache:
     the MR and liver it was made from and is used only for those same objects."""
 
     def __init__(self):
-        self._entry: tuple[Volume, Volume | None, tuple, FixedSide] | None = None
+        self._entry: tuple[Volume, Volume | None, Volume, tuple, FixedSide] | None = None
         self.hits = self.misses = 0
 
-    def get(self, mr: Volume, liver: Volume | None, key: tuple, compute) -> FixedSide:
+    def get(self, mr: Volume, liver: Volume | None, region: Volume, key: tuple, compute) -> FixedSide:
+        """The fixed side on `region` (the padded registration region) with the settings `key`."""
         entry = self._entry
-        if entry is not None and entry[0] is mr and entry[1] is liver and entry[2] == key:
+        if entry is not None and entry[0] is mr and entry[1] is liver and entry[2].same_grid(region, tol_mm=1e-6) \
+                and entry[3] == key:
             self.hits += 1
-            return entry[3]
+            return entry[4]
         self.misses += 1
         self._entry = None  # the old one is freed before the new one is made
         side = compute()
-        self._entry = (mr, liver, key, side)
+        self._entry = (mr, liver, region, key, side)
         return side
-
-
-def _geometry_key(grid: Volume) -> tuple:
-    """A grid's geometry as a hashable value (LPS; to 1e-6 mm)."""
-    return (tuple(grid.size_ijk), *(tuple(np.round(np.asarray(a, float).ravel(), 6)) for a in
-                                    (grid.spacing, grid.origin, grid.direction)))
 
 
 def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: list | None = None,
@@ -293,8 +289,7 @@ def correct_registration(mr: Volume, us: Volume, region: Volume, *, network: lis
         return FixedSide(fine, correction.features(fixed, fixed_mask, pool * factor, coarse_settings), fixed_mask,
                          correction.Rows(*fine))
 
-    key = (_geometry_key(around), fixed_is_us, settings)
-    side = mr_side.get(mr, liver, key, fixed_side) if mr_side is not None else fixed_side()
+    side = mr_side.get(mr, liver, around, (fixed_is_us, settings), fixed_side) if mr_side is not None else fixed_side()
     timings["mr_features"] = time.perf_counter() - t0
     fix_padded, fixed_mask = side.features, side.mask
     coarse = correction.Coarse(side.coarse, {}, factor)
