@@ -329,6 +329,51 @@ def test_fine_tuning_starts_from_a_model_keeps_the_last_epoch_and_saves_each_cyc
         assert all(torch.equal(weights[k], started[k]) for k in weights if k.endswith("0.weight"))
 
 
+def test_the_working_scale_is_the_models_own_and_an_old_file_keeps_the_default(tmp_path):
+    from FetalBiometryLib.network import HeadNet
+    from FetalBiometryLib.segment import MODEL_FORMAT, MODEL_VERSION, HeadSegmenter, save
+    from FetalBiometryLib.training import TrainConfig, prepare, sample_batch, train
+
+    from deepnav import model_files
+
+    write_hc18_like(tmp_path / "data", 6, np.random.default_rng(8))
+    train_cases, val_cases = split_by_subject(find_cases(tmp_path / "data"), 0.34, seed=0)
+    start = save(HeadNet(4).eval(), tmp_path / "start.pt")  # trained at the default scale ...
+    config = TrainConfig(epochs=1, batch=2, width=4, init=str(start), val_every=0, keep="last", canvas_hw=(64, 96))
+    _, info = train(train_cases, val_cases, tmp_path / "run", config, progress=lambda *a: None)
+    loaded = HeadSegmenter.load(info["model"], "cpu")  # ... fine-tuned at another (fully convolutional)
+    assert loaded.metadata["canvas_hw"] == [64, 96] and loaded.metadata["config"]["canvas_hw"] == [64, 96]
+    probabilities, layout = loaded.crop_probabilities(np.zeros((540, 800), np.float32))
+    assert probabilities.shape == (4, 1, 64, 96)
+    # the image scaled so that a 0.9 crop fits 64x96: f = min(64 / (0.9 * 540), 96 / (0.9 * 800))
+    assert layout.work_hw == (71, 105) and layout.crop_hw == (64, 94)
+    assert loaded.probability(np.zeros((540, 800), np.float32)).shape == (540, 800)
+    x, y = sample_batch([prepare(c, (64, 96)) for c in train_cases], config, np.random.default_rng(0))
+    assert x.shape == y.shape == (2, 1, 64, 96)
+    with pytest.raises(InputError, match="--canvas 64x96"):  # a checkpoint resumes at its own scale only
+        train(train_cases, val_cases, tmp_path / "run", TrainConfig(epochs=2, batch=2, width=4), resume=True,
+              progress=lambda *a: None)
+
+    # a model file written before the scale was stored: no canvas_hw, measured at the default 176x256 (800x540 at 284x192)
+    old = model_files.save_torchscript(HeadNet(4), tmp_path / "old.pt", {"format": MODEL_FORMAT, "version": MODEL_VERSION,
+                                                                         "width": 4, "crop_fraction": crops.Q})
+    segmenter = HeadSegmenter.load(old, "cpu")
+    probabilities, layout = segmenter.crop_probabilities(np.zeros((540, 800), np.float32))
+    assert segmenter.canvas_hw == crops.CANVAS_HW == (176, 256)
+    assert probabilities.shape == (4, 1, 176, 256) and layout.work_hw == (192, 284)
+
+
+@pytest.mark.parametrize("given,expected", [("248x360", (248, 360)), ((176, 256), (176, 256)), ([8, 16], (8, 16))])
+def test_a_canvas_is_two_multiples_of_eight(given, expected):
+    assert crops.check_canvas(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["250x360", "248", "0x360", "ax8", (248, 360, 1)])
+def test_a_canvas_that_the_network_cannot_take_is_refused(bad):
+    with pytest.raises(ValueError, match="canvas"):
+        crops.check_canvas(bad)
+
+
 def test_an_ensemble_is_one_model_file_giving_the_mean_probability(tmp_path):
     from FetalBiometryLib.network import HeadEnsemble, HeadNet
     from FetalBiometryLib.segment import HeadSegmenter, save
@@ -371,3 +416,11 @@ def test_the_scale_bar_is_a_round_length_at_most_a_quarter_of_the_picture():
     # 0.1 mm pixels, 800 wide: a quarter is 200 px = 20 mm; 0.25 mm pixels, 540 wide: 135 px = 33.75 mm -> 20
     assert scale_bar_mm(0.1, 800) == 20 and scale_bar_mm(0.25, 540) == 20 and scale_bar_mm(0.05, 100) == 1
     assert scale_bar_mm(1.0, 2) is None  # not even 1 mm fits
+
+
+def test_train_refuses_a_canvas_the_network_cannot_take_before_reading_data(tmp_path, capsys):
+    from deepnav.cli import main
+
+    code = main(["fetal", "train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--canvas", "250x360"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--canvas" in err and "multiples of 8" in err

@@ -67,6 +67,10 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     config_option(p, "--boundary-weight", TRAIN_CONFIG, type=float,
                   help="extra cross-entropy weight within --boundary-px working pixels of the head's edge")
     config_option(p, "--boundary-px", TRAIN_CONFIG, type=int, help="half-width of that band")
+    config_option(p, "--canvas", TRAIN_CONFIG, "canvas_hw", type=str, metavar="ROWSxCOLS",
+                  help="the network's input, multiples of 8; sets the working scale (an image is scaled so that a "
+                       "0.9 corner crop fits it: 176x256 puts an 800x540 image at 284x192, 248x360 at 400x270), "
+                       "stored in the model file and used by measure and evaluate")
     config_option(p, "--val-every", TRAIN_CONFIG, type=int,
                   help="validate every N epochs (0: never; the last epoch is kept)")
     config_option(p, "--keep", TRAIN_CONFIG, choices=("best", "last"),
@@ -165,7 +169,7 @@ def _train(args) -> int:
     require_writable_folder(args.out)  # refused before anything else is said or imported
     console.stage("reading the training images")  # torch's import first: seconds
     from deepnav.torch_runtime import configure_threads, pick_device
-    from FetalBiometryLib import hc18, training
+    from FetalBiometryLib import crops, hc18, training
 
     configure_threads()
     config = training.TrainConfig(seed=args.seed)
@@ -173,6 +177,11 @@ def _train(args) -> int:
                  "keep"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
+    if args.canvas is not None:
+        try:
+            config.canvas_hw = crops.check_canvas(args.canvas)
+        except ValueError as exc:
+            raise InputError(f"--canvas: {exc}") from None
     cases = hc18.find_cases(args.data)[: args.limit] if args.limit else hc18.find_cases(args.data)
     train_cases, val_cases = hc18.split_by_subject(cases, args.val_fraction, args.seed)
     split = {"seed": args.seed, "val_fraction": args.val_fraction, "train_images": len(train_cases),

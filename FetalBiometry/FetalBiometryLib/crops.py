@@ -20,6 +20,19 @@ Q = 0.9
 CANVAS_HW = (176, 256)  # network input (rows, cols), multiples of 8: a 800x540 crop of 0.9 fits at f = 0.356
 
 
+def check_canvas(canvas_hw) -> tuple[int, int]:
+    """A canvas (rows, cols), e.g. from `fetal train --canvas 248x360`, as a tuple of two positive multiples of 8."""
+    if isinstance(canvas_hw, str):
+        canvas_hw = canvas_hw.lower().split("x")
+    try:
+        rows, cols = (int(v) for v in canvas_hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"canvas {canvas_hw!r}: give ROWSxCOLS, e.g. 176x256") from None
+    if rows <= 0 or cols <= 0 or rows % 8 or cols % 8:
+        raise ValueError(f"canvas {rows}x{cols}: rows and columns must be positive multiples of 8 (the network's stride)")
+    return rows, cols
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where the crops sit in the working-resolution image."""

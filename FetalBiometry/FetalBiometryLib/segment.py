@@ -26,8 +26,11 @@ def normalise(pixels: np.ndarray) -> np.ndarray:
     return np.clip(pixels / max(top, 1e-6), 0.0, 1.0)
 
 
-def record(width: int, extra: dict | None = None) -> dict:
-    return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "width": width, "canvas_hw": list(crops.CANVAS_HW),
+def record(width: int, extra: dict | None = None, canvas_hw: tuple[int, int] = crops.CANVAS_HW) -> dict:
+    """The model file's metadata. `canvas_hw` is the working scale the network was trained at: the
+    image is scaled so that a corner crop fits this canvas (crops.layout_for), and measuring uses the
+    model's own (a file without it, the default canvas)."""
+    return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "width": width, "canvas_hw": list(canvas_hw),
             "crop_fraction": crops.Q, **(extra or {})}
 
 
@@ -50,9 +53,10 @@ class HeadSegmenter:
         return cls(module, metadata, dev, path, precision)
 
     @classmethod
-    def from_module(cls, module: HeadNet, device: torch.device | str = "cpu", precision: str = "fp32") -> HeadSegmenter:
-        """An in-training network (validation uses the same path as inference)."""
-        return cls(module, record(0), torch.device(device), precision=precision)
+    def from_module(cls, module: HeadNet, device: torch.device | str = "cpu", precision: str = "fp32",
+                    canvas_hw: tuple[int, int] = crops.CANVAS_HW) -> HeadSegmenter:
+        """An in-training network at its working scale (validation uses the same path as inference)."""
+        return cls(module, record(0, canvas_hw=canvas_hw), torch.device(device), precision=precision)
 
     def probability(self, pixels: np.ndarray, mirror: bool | None = None) -> np.ndarray:
         """(rows, cols) grey image -> head probability on the same pixel grid, float32."""
@@ -80,5 +84,5 @@ class HeadSegmenter:
         return probabilities, layout
 
 
-def save(model: HeadNet, path: Path, extra: dict | None = None) -> Path:
-    return model_files.save_torchscript(model, path, record(model.width, extra))
+def save(model: HeadNet, path: Path, extra: dict | None = None, canvas_hw: tuple[int, int] = crops.CANVAS_HW) -> Path:
+    return model_files.save_torchscript(model, path, record(model.width, extra, canvas_hw))

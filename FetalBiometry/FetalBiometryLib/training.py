@@ -20,6 +20,9 @@
   a model (`cycle<k>.pt`, a snapshot ensemble's members); `boundary_weight` adds that much extra
   binary cross-entropy weight within `boundary_px` working pixels of the target's edge, the band
   where the HC is decided (the rest of the image is easy once the head is found).
+- `canvas_hw` (`--canvas`) is the network's input and so the working scale: the default 176x256
+  puts an 800x540 image at 284x192, 248x360 at 400x270. It is stored in the model file, and
+  measuring uses the model's own.
 - Under torchrun (deepnav.distributed), `batch` is per process: every rank draws the same global
   batch of N * batch crops (the draws and augmentation are cheap 2D work on the CPU, and drawing
   them all keeps the random streams those of one process) and trains on its own slice of it; the
@@ -42,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from deepnav import distributed
+from deepnav.errors import InputError
 from deepnav.progress import CancelToken, ProgressCallback, print_progress, silent
 from deepnav.torch_runtime import adam, forward_in, seed_everything
 from FetalBiometryLib import crops, segment
@@ -71,9 +75,13 @@ class TrainConfig:
     boundary_weight: float = 0.0  # extra cross-entropy weight near the target's edge
     boundary_px: int = 3
     init: str | None = None  # a model file whose weights training starts from
+    canvas_hw: tuple[int, int] = crops.CANVAS_HW  # the network's input (rows, cols): sets the working scale
+
+    def __post_init__(self):
+        self.canvas_hw = crops.check_canvas(self.canvas_hw)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"canvas_hw": list(self.canvas_hw)}
 
 
 @dataclasses.dataclass
@@ -83,9 +91,9 @@ class Prepared:
     layout: crops.Layout
 
 
-def prepare(case: Case) -> Prepared:
+def prepare(case: Case, canvas_hw: tuple[int, int] = crops.CANVAS_HW) -> Prepared:
     pixels, _ = deidentify(read_image_2d(case.image).pixels)
-    layout = crops.layout_for(pixels.shape)
+    layout = crops.layout_for(pixels.shape, canvas_hw)
     image = crops.to_working(torch.from_numpy(segment.normalise(pixels))[None, None], layout)
     filled = reference_ellipse(case.annotation).filled(pixels.shape).astype(np.float32)
     target = crops.to_working(torch.from_numpy(filled)[None, None], layout)
@@ -93,7 +101,7 @@ def prepare(case: Case) -> Prepared:
 
 
 def sample_batch(data: list[Prepared], config: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    canvas = crops.CANVAS_HW
+    canvas = config.canvas_hw
     x = torch.zeros(config.batch, 1, *canvas)
     y = torch.zeros(config.batch, 1, *canvas)
     for n in range(config.batch):
@@ -197,6 +205,10 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
     state = distributed.from_main(lambda: torch.load(checkpoint, map_location="cpu", weights_only=False)
                                   if resume and checkpoint.is_file() else None)
     if state is not None:
+        trained_at = tuple(state["config"].get("canvas_hw", crops.CANVAS_HW))
+        if trained_at != tuple(config.canvas_hw):
+            raise InputError(f"{checkpoint} was trained at canvas {trained_at[0]}x{trained_at[1]}: resume with "
+                             f"--canvas {trained_at[0]}x{trained_at[1]}")
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
@@ -205,7 +217,7 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
         history, start, best = state["history"], state["epoch"] + 1, state["best"]
         progress(0.0, f"resuming after epoch {start}")
     progress(0.0, f"preparing {len(train_cases)} training images")
-    data = [prepare(c) for c in train_cases]
+    data = [prepare(c, config.canvas_hw) for c in train_cases]
     trained = distributed.wrap(model)  # the model itself in one process
     for epoch in range(start, config.epochs):
         model.train()
@@ -226,7 +238,7 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
         validate = config.val_every > 0 and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs)
         if validate:
             model.eval()
-            segmenter = segment.HeadSegmenter.from_module(model, device, precision)
+            segmenter = segment.HeadSegmenter.from_module(model, device, precision, config.canvas_hw)
             # each rank scores its share of the images; the rows merged in order, as one process makes them
             summary = summarise(distributed.gather([score_case(segmenter, c) for c in distributed.shard(val_cases)]))
             e = summary.get("ellipse")
@@ -251,7 +263,7 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
         if epoch in cycle_epochs:  # the end of a cosine cycle: a snapshot, as a model file
             distributed.global_batch_norm(model, on=False)
             segment.save(model, out_dir / f"cycle{cycle_epochs[epoch]}.pt",
-                         {**(metadata or {}), "config": config.to_json(), "epoch": epoch})
+                         {**(metadata or {}), "config": config.to_json(), "epoch": epoch}, config.canvas_hw)
             distributed.global_batch_norm(model, world.active).to(device)  # saving left it on the CPU
         tmp = out_dir / ".partial-checkpoint.pt"
         torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
@@ -268,5 +280,5 @@ def train(train_cases: list[Case], val_cases: list[Case], out_dir: Path, config:
         return model, {"best": best, "history": history, "model": None}
     model.load_state_dict(torch.load(out_dir / "best.pt", map_location=device))
     model_path = segment.save(model, out_dir / "model.pt", {**(metadata or {}), "config": config.to_json(),
-                                                             "best_validation": best})
+                                                             "best_validation": best}, config.canvas_hw)
     return model, {"best": best, "history": history, "model": model_path}
