@@ -401,8 +401,8 @@ class MRUSFusionLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             return
         result = self.live.poll()
         if result is not None:
-            # the network's results come on the MR's fusion grid; a corrected result (a service started
-            # with --correct) on the frame's registration region, which follows the US
+            # the network's results come on the MR's fusion grid; a corrected result (sent by default,
+            # not by a service started with --fast) on the frame's registration region, which follows the US
             network_stage = result.report.get("stage", "network") == "network"
             if network_stage and self.expectedGrid is not None and not result.warped.same_grid(self.expectedGrid):
                 self.live.last_error = ("the fusion service registers to another MR (or liver) than the one selected "

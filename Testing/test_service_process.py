@@ -1,6 +1,6 @@
 """The fusion service as a child process (what MRUSFusion's live mode starts): results arrive as
-in-process registration gives them, a failed start raises the child's message, a killed service
-is reported while the host goes on, and close() ends it."""
+in-process registration gives them, followed by the frame's corrected result; a failed start raises
+the child's message, a killed service is reported while the host goes on, and close() ends it."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ def test_the_service_process_fuses_as_in_process_and_a_kill_is_reported(patient,
         np.testing.assert_allclose(result.rigid_to_parent_ras, msgs.rigid_to_parent_ras(direct.rigid_transform()),
                                    atol=1e-4)
         assert "cpu" in live.stats()["device"]
+        assert result.report.get("stage", "network") == "network"
+        # by default (no --fast) the same frame's corrected result follows, on its registration region
+        corrected = wait_for(live.poll, timeout_s=180)
+        assert corrected.report["stage"] == "corrected"
+        assert not corrected.warped.same_grid(result.warped)
 
         os.kill(live.process.pid, signal.SIGKILL)
         error = wait_for(lambda: live.stats()["last_error"], timeout_s=10)

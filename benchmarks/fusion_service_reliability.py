@@ -47,11 +47,16 @@ PHASES = ("dribble", "limit", "descriptors", "soak", "fuzz")
 
 
 class Service:
-    """`deepnav fusion serve` in a process of its own, on a free port."""
+    """`deepnav fusion serve` in a process of its own, on a free port; `stages`: `--fast` (the
+    network's results only, as the figures in the README were measured) or nothing (the service's
+    default: each frame's corrected result follows)."""
+
+    stages: tuple[str, ...] = ("--fast",)
 
     def __init__(self, *args: str, env: dict[str, str], nofile: int | None = None):
         self.port = free_port()
-        command = deepnav_command("fusion", "serve", "--host", HOST, "--port", str(self.port), "--device", "cpu", *args)
+        command = deepnav_command("fusion", "serve", "--host", HOST, "--port", str(self.port), "--device", "cpu",
+                                  *self.stages, *args)
         if nofile is not None:
             command = ["prlimit", f"--nofile={nofile}:{nofile}", *command]
         self.task = ChildTask(command, env=env)
@@ -198,11 +203,14 @@ def main() -> int:
     parser.add_argument("--fuzz", type=int, default=10_000, help="fuzz: malformed messages")
     parser.add_argument("--valid-every", type=int, default=800, help="fuzz: a valid frame after this many")
     parser.add_argument("--child-env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--corrections", action="store_true",
+                        help="services with their default corrected results (default: --fast, the network's alone)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
 
     env = child_environment("MRUSFusionLib")
     env.update(item.split("=", 1) for item in args.child_env)
+    Service.stages = () if args.corrections else ("--fast",)
     volume = bench_volume(make_patient(DEMO_PATIENT_SEED, frames=1).frames[0].image, args.size)
     report = {"command": " ".join(sys.argv), "child_env": args.child_env, "volume": f"{args.size}^3 uint8",
               "machine": machine_description(), "phases": {}}

@@ -102,7 +102,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("serve", help="the OpenIGTLink fusion service: register each incoming US volume to the MR",
                        epilog=examples("deepnav fusion serve --mr mr.nrrd --liver mr_liver.nrrd --port 18944",
-                                       "deepnav fusion serve --mr mr.nrrd --connect plus-server:18944 --correct"))
+                                       "deepnav fusion serve --mr mr.nrrd --connect plus-server:18944 --fast"))
     p.add_argument("--mr", type=Path, help="preoperative MR (default: the built-in synthetic patient)")
     p.add_argument("--liver", type=Path,
                    help="liver mask on the MR grid (centres the 128 mm region; default: the MR's centre)")
@@ -114,9 +114,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
                    help="connect out to a US source (e.g. a PLUS server) instead (default: listen)")
     p.add_argument("--us-device", action="append", metavar="NAME",
                    help="IMAGE device name(s) to register (default: any)")
-    p.add_argument("--correct", action="store_true",
-                   help="after each frame's network result, send its corrected result (MIND-SSC correction, "
-                        "~2-5 s on a CPU) unless a newer frame is waiting")
+    p.add_argument("--fast", action="store_true",
+                   help="the network's results only (default: each frame's corrected result follows its network "
+                        "result, a few seconds later on a CPU, unless a newer frame is waiting)")
     p.add_argument("--echo", action="store_true", help="send each volume straight back (transport test)")
     p.add_argument("--max-frames", type=int, help="stop after this many registered frames (default: no limit)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until stopped)")
@@ -337,7 +337,7 @@ def _serve(args) -> int:
             print_progress(0.0, f"no --mr: serving the built-in synthetic patient {DEMO_PATIENT_SEED}")
             patient = make_patient(DEMO_PATIENT_SEED, frames=1)  # the MR does not depend on the frames
             mr, liver = patient.mr, patient.liver
-        processor = FusionProcessor(model, mr, liver, correct=args.correct)
+        processor = FusionProcessor(model, mr, liver, correct=not args.fast)
         console.stage("warming up")
         processor.warm_up()
     service = FusionService(processor, host=args.host, port=args.port, devices=tuple(args.us_device or ()),

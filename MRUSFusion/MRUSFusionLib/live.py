@@ -46,8 +46,8 @@ _FRAME = "frame"  # the one mailbox key: a live host has one US source
 
 def confidence(report: dict) -> dict:
     """What a surgeon reads beside the newest result, from its report: the network's MIND distance
-    before and after and its folding, or, for a corrected result (a service started with
-    --correct), the correction's MIND-SSC before and after, the inlier share of its robust fit,
+    before and after and its folding, or, for a corrected result (a service's default; not with
+    --fast), the correction's MIND-SSC before and after, the inlier share of its robust fit,
     its distance from the network's answer and its flags."""
     if report.get("stage") == "corrected" and isinstance(report.get("correction"), dict):
         c = report["correction"]

@@ -2,7 +2,7 @@
 
 Threads: one accepts connections (or one connects out, `--connect`), one reader per peer turns
 bytes into frames, one worker registers frames, and one more runs the slower second stage (the
-correction, with `--correct`) so that it never holds up the next frame's first result. Between
+correction; not with `--fast`) so that it never holds up the next frame's first result. Between
 readers and worker, and between worker and second stage, sits a latest-frame-only mailbox: a frame
 that arrives while an older one from the same peer is still waiting replaces it (and is counted as
 dropped), so results never lag behind the probe. A second stage promised (`more_coming`) but

@@ -40,11 +40,12 @@ def _listening(host: str, port: int) -> bool:
 
 class LocalServiceRegistration(RemoteRegistration):
     """`RemoteRegistration` to a `deepnav fusion serve --mr MR` that this object starts as a child
-    process and ends on `close()`. A child that fails to start raises here (its message); one that
-    crashes or is killed later is reported in `stats()["last_error"]` while the host goes on."""
+    process and ends on `close()` (with `fast`, `--fast`: no corrected results). A child that fails
+    to start raises here (its message); one that crashes or is killed later is reported in
+    `stats()["last_error"]` while the host goes on."""
 
     def __init__(self, mr: Path, liver: Path | None = None, *, model: Path | None = None, device: str = "auto",
-                 python: str | None = None, ready_timeout_s: float = 300.0,
+                 fast: bool = False, python: str | None = None, ready_timeout_s: float = 300.0,
                  wait: Callable[[float], None] = time.sleep):
         host, port = "127.0.0.1", free_port()
         args = ["fusion", "serve", "--mr", str(mr), "--host", host, "--port", str(port), "--device", device]
@@ -52,6 +53,8 @@ class LocalServiceRegistration(RemoteRegistration):
             args += ["--liver", str(liver)]
         if model is not None:
             args += ["--model", str(model)]
+        if fast:  # the network's results only; by default each frame's corrected result follows
+            args.append("--fast")
         self.process = ChildTask(deepnav_command(*args, python=python), env=child_environment("MRUSFusionLib"))
         deadline = time.monotonic() + ready_timeout_s
         while not _listening(host, port):  # the child loads the model and prepares the MR first
