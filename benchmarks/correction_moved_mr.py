@@ -23,7 +23,6 @@ MR-US data, where the published method reaches 1.7-2.3 mm).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from convexadam_comparator import register_convexadam  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.imaging import Volume, rotation_matrix  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
@@ -118,10 +118,9 @@ def main() -> int:
     print(f"\n{'':22s}{'median':>9s}{'p90':>9s}")
     for key, s in summary.items():
         print(f"{key:22s}{s['median']:9.2f}{s['p90']:9.2f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"summary": summary, "cases": rows, "settings": vars(args) | {"json": str(args.json)},
-                                     "machine": machine_description()}, indent=2, default=float))
-    print(f"wrote {args.json}")
+    write_json({"summary": summary, "cases": rows, "settings": vars(args) | {"json": str(args.json)},
+                "machine": machine_description()}, args.json)
+    wrote(args.json)
     return 0
 
 

@@ -20,7 +20,6 @@ fit and the refinement recover known motion, not how MIND-SSC fares between MR a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 from convexadam_comparator import register_convexadam  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.errors import InputError  # noqa: E402
 from deepnav.imaging import Volume, matrix_to_affine, read_volume, rotation_matrix  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
@@ -192,11 +192,10 @@ def main() -> int:
     for file in sorted({skip["file"] for skip in skipped}):
         why = next(skip["why"] for skip in skipped if skip["file"] == file)
         print(f"skipped {file} ({sum(skip['file'] == file for skip in skipped)} moves): {why}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"summary": summary, "cases": rows, "skipped": skipped,
-                                     "settings": {"moves": args.moves, "seed": args.seed, "kinds": kinds},
-                                     "machine": machine_description()}, indent=2, default=float))
-    print(f"wrote {args.json}")
+    write_json({"summary": summary, "cases": rows, "skipped": skipped,
+                "settings": {"moves": args.moves, "seed": args.seed, "kinds": kinds},
+                "machine": machine_description()}, args.json)
+    wrote(args.json)
     return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from deepnav import distributed  # noqa: E402
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.torch_runtime import adam, machine_description, pick_device, seed_everything  # noqa: E402
 
 BATCH = {"fusion": 1, "liver": 2, "fetal": 8}  # per process, the trainers' defaults
@@ -184,9 +185,8 @@ def main() -> int:
     for kind in args.models:
         rate = {(r["processes"], r["threads_per_process"]): r[f"{r['unit']}_per_s"] for r in runs if r["model"] == kind}
         speedups[kind] = {f"{n}x{t}": v / rate[(1, t)] for (n, t), v in rate.items() if (1, t) in rate and n > 1}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": machine_description(), "runs": runs, "speedup": speedups}, indent=2))
-    print(f"wrote {args.json}")
+    write_json({"machine": machine_description(), "runs": runs, "speedup": speedups}, args.json)
+    wrote(args.json)
     return 0
 
 

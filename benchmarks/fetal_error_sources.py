@@ -24,7 +24,6 @@ Errors binned by head size, pixel size and flags; all in mm.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -44,6 +43,7 @@ from FetalBiometryLib.pipeline import measure_image  # noqa: E402
 from FetalBiometryLib.segment import HeadSegmenter  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 
@@ -229,8 +229,8 @@ def main() -> int:
     report = {"summary": summary, "rows": rows, "model": str(segmenter.path), "machine": machine_description(),
               "load_average_1min_at_start_and_end": [load_at_start, os.getloadavg()[0]],
               "command": "python benchmarks/fetal_error_sources.py " + " ".join(sys.argv[1:])}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    write_json(report, args.json)
+    wrote(args.json)
     c = summary["components"]
     for name in ("annotation_fit", "working_scale_floor", "plain", "mirror", "plain_sharp_edges",
                  "shipped_mirror_and_sharp_edges"):

@@ -37,6 +37,7 @@ from FetalBiometryLib.measure import EDGE_SHARPNESS, measure  # noqa: E402
 from FetalBiometryLib.network import HeadEnsemble  # noqa: E402
 from FetalBiometryLib.segment import HeadSegmenter  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 
@@ -148,8 +149,8 @@ def main() -> int:
         summary["runtime_per_image"] = timing(segmenters, cases[::7])
     report = {"summary": summary, "rows": rows, "candidates": args.model + args.ensemble, "machine": machine_description(),
               "command": "python benchmarks/fetal_model_choice.py " + " ".join(sys.argv[1:])}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    write_json(report, args.json)
+    wrote(args.json)
     for name, e in in_sample.items():
         print(f"{name:16s} |diff| {e['abs_mean']:.3f}  bias {e['bias']:+.3f}  SD {e['sd']:.3f}  p90 {e['abs_p90']:.2f}"
               f"  Dice {e['ellipse_dice']:.4f}")

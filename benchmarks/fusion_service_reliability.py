@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
 
 from deepnav.child_process import ChildTask, child_environment, deepnav_command  # noqa: E402
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.torch_runtime import machine_description  # noqa: E402
 from MRUSFusionLib import igtl_messages as msgs  # noqa: E402
 from MRUSFusionLib.demo import DEMO_PATIENT_SEED  # noqa: E402
@@ -230,9 +231,8 @@ def main() -> int:
         result["seconds"] = time.perf_counter() - t0
         report["phases"][phase] = result
         print(json.dumps(result, indent=1, default=float)[:3000], flush=True)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=float))
-    print(f"wrote {args.json}")
+        write_json(report, args.json)
+    wrote(args.json)
     return 0
 
 

@@ -32,6 +32,7 @@ from LiverLesionSegLib.abdomen import load_abdomen  # noqa: E402
 from LiverLesionSegLib.evaluation import score_case  # noqa: E402
 from LiverLesionSegLib.simulator import simulate_case  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.imaging import grid_like, read_volume, write_volume  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import machine_description  # noqa: E402
@@ -109,9 +110,8 @@ def main() -> int:
                         "seed": args.seed, "lesions": [{"kind": lesion.kind, "diameter_mm": round(lesion.diameter_mm, 1)}
                                                       for lesion in case.lesion_list]},
               "target_s": 120, "results": results, "machine": machine_description()}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_json(report, args.json)
+    wrote(args.json)
     return 0
 
 

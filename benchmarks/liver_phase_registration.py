@@ -10,7 +10,6 @@ Error = mean distance over the liver's voxels between the found and the true tra
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from LiverLesionSegLib.abdomen import load_abdomen  # noqa: E402
 from LiverLesionSegLib.phase_registration import register_phase, register_phase_sitk, transform_error_mm  # noqa: E402
 from LiverLesionSegLib.simulator import simulate_case  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import machine_description  # noqa: E402
 
@@ -65,11 +65,9 @@ def main() -> int:
         for name in ("pso+powell", "sitk"):
             e, t = s[name]["error_mm"], s[name]["seconds"]
             print(f"{label:22s}{name:12s}{e['median']:12.2f}mm{e['p90']:8.2f}{e['max']:8.2f}{t['median']:12.1f}s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"summary": summary, "cases": rows, "machine": machine_description(),
-                                     "settings": {"cases": args.cases, "seed": args.seed, "spacing_mm": 1.5,
-                                                  "motions": MOTIONS}}, indent=2))
-    print(f"wrote {args.json}")
+    write_json({"summary": summary, "cases": rows, "machine": machine_description(),
+                "settings": {"cases": args.cases, "seed": args.seed, "spacing_mm": 1.5, "motions": MOTIONS}}, args.json)
+    wrote(args.json)
     return 0
 
 

@@ -33,6 +33,7 @@ from LiverLesionSegLib.model_io import load_model  # noqa: E402
 from LiverLesionSegLib.pipeline import segment_study  # noqa: E402
 from LiverLesionSegLib.simulator import PHASES  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "abdomen"
@@ -90,9 +91,8 @@ def main() -> int:
               "model": str(model.path), "localiser": str(model.localiser.path) if model.localiser else None,
               "reference": "example_seg.nii.gz label 5: a TotalSegmentator model's output, not expert truth",
               "runs": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_json(report, args.json)
+    wrote(args.json)
     return 0
 
 

@@ -14,7 +14,6 @@ and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
 
 import torch  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.progress import print_progress  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 from MRUSFusionLib import dataset, losses, model_io, training  # noqa: E402
@@ -71,8 +71,9 @@ def main() -> int:
               f"{s['dice_vessels_final']:8.3f}{s['folding_percent']:11.4f}")
     better = min(results, key=lambda n: results[n]["summary"]["tre_final_mm"]["median"])
     print(f"better by median TRE: {better}")
-    args.json.write_text(json.dumps({"results": results, "better": better, "settings": vars(args) | {"json": str(args.json)},
-                                     "machine": machine_description()}, indent=2, default=float))
+    write_json({"results": results, "better": better, "settings": vars(args) | {"json": str(args.json)},
+                "machine": machine_description()}, args.json)
+    wrote(args.json)
     return 0
 
 

@@ -11,7 +11,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 from MRUSFusionLib import model_io, training  # noqa: E402
 from MRUSFusionLib.evaluation import landmark_errors  # noqa: E402
@@ -71,9 +71,9 @@ def main() -> int:
     print(f"{'median landmark TRE over test frames':40s}{'mm':>8s}")
     for k, v in summary.items():
         print(f"  {k:38s}{v:8.2f}")
-    args.json.write_text(json.dumps({"summary": summary, "frames": rows, "train_frames": train_idx, "test_frames": test_idx,
-                                     "training_seconds": train_s, "config": config.to_json(),
-                                     "machine": machine_description()}, indent=2))
+    write_json({"summary": summary, "frames": rows, "train_frames": train_idx, "test_frames": test_idx,
+                "training_seconds": train_s, "config": config.to_json(), "machine": machine_description()}, args.json)
+    wrote(args.json)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import pickle
 import sys
 import time
@@ -39,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "MRUSFusion")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
 from MRUSFusionLib.dataset import patient_samples, synthetic_samples, training_seeds  # noqa: E402
@@ -192,13 +192,13 @@ def main() -> int:
     for r in rows:
         name = r["what"] + (f", {r['training patients']} patients" if r["training patients"] else "")
         print(f"{name:32s}{r['training frames']['median']:14.2f}{r['unseen']['median']:15.2f}{r['unseen']['p90']:12.2f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("json", "cache")}
     scored = (f"the first N patients' frames, unmoved; the shipped row: the first {args.shipped_patients} patients "
               "of its last training stage (seed 7)")
-    args.json.write_text(json.dumps({"what": __doc__.splitlines()[0], "rows": rows, "training_frames_scored": scored,
-                                     "settings": settings, "minutes": round((time.perf_counter() - started) / 60, 1),
-                                     "machine": machine_description()}, indent=2))
+    write_json({"what": __doc__.splitlines()[0], "rows": rows, "training_frames_scored": scored,
+                "settings": settings, "minutes": round((time.perf_counter() - started) / 60, 1),
+                "machine": machine_description()}, args.json)
+    wrote(args.json)
     return 0
 
 

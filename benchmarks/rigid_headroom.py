@@ -19,7 +19,6 @@ refinement towards the truth.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from deepnav.command_line import write_json, wrote  # noqa: E402
 from deepnav.errors import InputError  # noqa: E402
 from deepnav.statistics import spread  # noqa: E402
 from deepnav.torch_runtime import configure_threads, machine_description  # noqa: E402
@@ -114,12 +114,12 @@ def main() -> int:
         print(f"{name:44s}{s['median']:8.2f}{s['p90']:8.2f}")
     print("MIND distance at 2 mm, median over frames: " + ", ".join(f"{k} {v:.4f}" for k, v in mind.items()))
     print(f"frames where the best rigid map has the lowest MIND of the three: {lowest} of {len(minds)}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"what": __doc__.splitlines()[0], "summary": summary, "mind_median": mind,
-                                     "frames_best_rigid_map_lowest_mind": lowest, "frames": len(minds),
-                                     "settings": {"cases": args.cases, "seed": args.seed, "frames_per_case": 2,
-                                                  "model": str(args.model or "shipped")},
-                                     "machine": machine_description()}, indent=2))
+    write_json({"what": __doc__.splitlines()[0], "summary": summary, "mind_median": mind,
+                "frames_best_rigid_map_lowest_mind": lowest, "frames": len(minds),
+                "settings": {"cases": args.cases, "seed": args.seed, "frames_per_case": 2,
+                             "model": str(args.model or "shipped")},
+                "machine": machine_description()}, args.json)
+    wrote(args.json)
     return 0
 
 
