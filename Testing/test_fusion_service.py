@@ -168,6 +168,7 @@ def test_unknown_message_type_is_answered(service, patient, client):
 @pytest.mark.parametrize("case,expect", [
     ("scalar_type", "malformed IMAGE"), ("components", "components"), ("2d", "2D"),
     ("nan", "NaN"), ("no_overlap", "does not overlap"), ("short_voxels", "malformed IMAGE"),
+    ("constant", "no contrast"),
 ])
 def test_bad_images_are_answered(service, patient, client, case, expect):
     us = patient.frames[0].image
@@ -179,6 +180,8 @@ def test_bad_images_are_answered(service, patient, client, case, expect):
         message = msgs.volume_to_image(np.repeat(us.array[..., None], 3, axis=-1), us, "US", time.time())
     elif case == "2d":
         message = msgs.volume_to_image(us.array[:1], us, "US", time.time())
+    elif case == "constant":
+        message = us_message(patient, array=np.where(us.array > 0, 9, 0).astype(us.array.dtype))
     elif case == "no_overlap":
         far = us.with_array(us.array)
         far.origin = far.origin + 1000.0

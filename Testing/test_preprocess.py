@@ -37,12 +37,19 @@ def test_a_us_volume_that_does_not_overlap_is_refused(patient):
         prepare_pair(patient.mr, far, liver=patient.liver)
 
 
-def test_nan_voxels_mismatched_and_empty_labels_are_refused(patient):
+def test_nan_and_constant_images_mismatched_and_empty_labels_are_refused(patient):
     frame = patient.frames[0]
     bad = frame.image.with_array(frame.image.array.astype(np.float32))
     bad.array[10, 10, 10] = np.inf
     with pytest.raises(InputError, match="NaN/Inf"):
         prepare_pair(patient.mr, bad)
+    with pytest.raises(InputError, match="MR has no contrast: every voxel is 50"):
+        prepare_pair(patient.mr.with_array(np.full(patient.mr.array.shape, 50, patient.mr.array.dtype)), frame.image)
+    blank = np.where(frame.image.array > 0, 7, 0).astype(frame.image.array.dtype)  # the fan kept, nothing in it
+    with pytest.raises(InputError, match="US volume has no contrast: every voxel with data is 7"):
+        prepare_pair(patient.mr, frame.image.with_array(blank))
+    with pytest.raises(InputError, match="US volume holds no data"):
+        prepare_pair(patient.mr, frame.image.with_array(np.zeros_like(frame.image.array)))
     with pytest.raises(InputError, match="US vessel label does not match"):
         prepare_pair(patient.mr, frame.image, us_vessels=patient.vessels)
     with pytest.raises(InputError, match="empty"):

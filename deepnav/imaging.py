@@ -172,6 +172,19 @@ def require_finite(volume: Volume, what: str) -> None:
         raise InputError(f"{what} has {bad} NaN/Inf voxels; clean or mask them first")
 
 
+def require_contrast(volume: Volume, what: str, data_only: bool = False) -> None:
+    """Reject an image whose voxels all have one value (with `data_only`, its voxels above 0: a US
+    is 0 outside its fan): a blank frame, a probe in air, a wrong series. Nothing in it can be
+    registered, and downstream it would fail with a misleading message (no overlap, NaN features)."""
+    values = volume.array[volume.array > 0] if data_only else volume.array
+    if values.size == 0:
+        raise InputError(f"{what} holds no data: every voxel is 0 or below")
+    low, high = values.min(), values.max()
+    if low == high:
+        where = " with data" if data_only else ""
+        raise InputError(f"{what} has no contrast: every voxel{where} is {float(low):g}; nothing to register")
+
+
 def require_same_grid(image: Volume, label: Volume, what: str) -> None:
     """A label map must sample exactly the voxels of its image."""
     if not image.same_grid(label):

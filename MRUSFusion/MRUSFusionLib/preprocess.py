@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from deepnav.errors import InputError
-from deepnav.imaging import Volume, grid_like, require_finite, require_same_grid, resample_to_grid
+from deepnav.imaging import Volume, grid_like, require_contrast, require_finite, require_same_grid, resample_to_grid
 
 GRID_SIZE = 128
 GRID_SPACING_MM = 1.0
@@ -119,6 +119,8 @@ def normalise(values: np.ndarray, mask: np.ndarray | None = None, lo_pct=1.0, hi
 def check_inputs(mr: Volume, us: Volume, mr_labels: dict[str, Volume], us_labels: dict[str, Volume]) -> None:
     require_finite(mr, "MR")
     require_finite(us, "US volume")
+    require_contrast(mr, "MR")
+    require_contrast(us, "US volume", data_only=True)
     for name, label in mr_labels.items():
         require_same_grid(mr, label, name)
     for name, label in us_labels.items():

@@ -29,7 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from deepnav.errors import InputError
-from deepnav.imaging import Volume, require_finite
+from deepnav.imaging import Volume, require_contrast, require_finite
 from deepnav.torch_runtime import describe_device
 from MRUSFusionLib import fields
 from MRUSFusionLib import igtl_messages as msgs
@@ -85,6 +85,7 @@ class FusionProcessor:
 
     def __init__(self, model: LoadedModel, mr: Volume, liver: Volume | None = None, correct: bool = False):
         require_finite(mr, "MR")
+        require_contrast(mr, "MR")
         self.model, self.mr, self.liver, self.correct = model, mr, liver, correct
         self.device = describe_device(model.device)
         self.grid = fusion_grid(mr, liver)
