@@ -191,10 +191,11 @@ class MRUSFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ]
         if quality.get("stage") == "corrected":
             lines.append(_("Corrected: MIND-SSC {before:.3f} -> {after:.3f} (lower is better); {inliers:.0f}% inliers; "
-                           "{disagreement:.1f} mm from the network").format(
+                           "{disagreement:.1f} mm from the network; folding {folding:.3f}%").format(
                 before=quality.get("mind_ssc_before", float("nan")), after=quality.get("mind_ssc_after", float("nan")),
                 inliers=100 * quality.get("inlier_share", float("nan")),
-                disagreement=quality.get("network_disagreement_mm", float("nan"))))
+                disagreement=quality.get("network_disagreement_mm", float("nan")),
+                folding=quality.get("folding_percent", float("nan"))))
             if quality.get("flags"):
                 lines.append(_("Check: {flags}").format(flags=", ".join(quality["flags"])))
         elif quality:

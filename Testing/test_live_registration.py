@@ -112,7 +112,7 @@ def test_the_client_shows_the_corrected_result_last_with_the_corrections_confide
     """With a correcting service, the newest result the client holds after a frame is the corrected
     one (on the registration region, not the network's grid), and the figures shown beside it are
     the correction's: MIND-SSC before and after, the inlier share, the distance from the network,
-    the flags."""
+    the folding, the flags."""
     us = patient.frames[0].image
     processor = FusionProcessor(shipped_model, patient.mr, patient.liver, correct=True)
     with FusionService(processor, port=0) as service, RemoteRegistration("127.0.0.1", service.port) as live:
@@ -130,6 +130,10 @@ def test_the_client_shows_the_corrected_result_last_with_the_corrections_confide
     assert quality["stage"] == "corrected" and quality["flags"] == c["flags"]
     assert quality["mind_ssc_after"] <= quality["mind_ssc_before"] and 0.0 <= quality["inlier_share"] <= 1.0
     assert quality["network_disagreement_mm"] == c["network_disagreement_mm"]
+    # folding: the network's field where the corrected map composes with it, none from the coarse alignment
+    assert quality["folding_percent"] == c["folding_percent"] and 0.0 <= c["folding_percent"] < 100.0
+    if c["start"] == "coarse":
+        assert c["folding_percent"] == 0.0
 
 
 def test_a_bad_frame_is_reported_and_the_next_one_registered(patient, shipped_model):

@@ -48,10 +48,10 @@ def confidence(report: dict) -> dict:
     """What a surgeon reads beside the newest result, from its report: the network's MIND distance
     before and after and its folding, or, for a corrected result (a service's default; not with
     --fast), the correction's MIND-SSC before and after, the inlier share of its robust fit,
-    its distance from the network's answer and its flags."""
+    its distance from the network's answer, its folding and its flags."""
     if report.get("stage") == "corrected" and isinstance(report.get("correction"), dict):
         c = report["correction"]
-        keys = ("mind_ssc_before", "mind_ssc_after", "inlier_share", "network_disagreement_mm", "flags")
+        keys = ("mind_ssc_before", "mind_ssc_after", "inlier_share", "network_disagreement_mm", "folding_percent", "flags")
         return {"stage": "corrected", **{k: c[k] for k in keys if k in c}}
     figures = {k: report[k] for k in ("mind_before", "mind_after", "folding_percent") if k in report}
     return {"stage": "network", **figures} if figures else {}

@@ -198,6 +198,9 @@ def correct_result(result: Registration, mr: Volume, us: Volume, *, region: Volu
     region = region if region is not None else registration_region(mr, us, liver, initial)
     result.correction = correct_registration(mr, us, region, network=result.network_transforms(),
                                              initial=initial, liver=liver, settings=settings, mr_side=mr_side)
+    # the correction is rigid: the corrected map folds where the network's field it composes with
+    # does, and not at all from the coarse alignment
+    result.correction.report["folding_percent"] = result.folding_percent() if result.correction.start == "network" else 0.0
     result.timings.update({f"correction_{k}": v for k, v in result.correction.timings.items()})
     return result.correction
 
